@@ -1,0 +1,341 @@
+"""The GPT-1 network (Radford et al., 2018, Sec. 3.1 and the released code), in Flax NNX.
+
+Post-LayerNorm decoder blocks, tanh-GELU, fused QKV, learned positions, LM head tied to the
+token embedding and no final LayerNorm. Parameters are float32; `GPT1Config.dtype` sets the
+compute dtype. The blocks' parameters are stacked on a leading layer axis and run with
+`jax.lax.scan`, so compile time does not grow with depth.
+
+Dropout keys are passed explicitly (`dropout_key=None` means evaluation mode), which keeps the
+model's state equal to its parameters: nothing but weights travels through `nnx.split`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02  # Sec. 4.1: "weights initialized from N(0, 0.02)"
+LAYER_NORM_EPS = 1e-5
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT1Config:
+    """Sizes of the network; the defaults are the paper's 12 x 768 model with no special tokens.
+
+    `n_special` rows follow the 40,478 BPE rows in the token table (the fine-tuning layout of the
+    released code); the table is padded to a multiple of `vocab_pad_multiple` rows so the LM head
+    maps well onto matrix units, and the padded logits are masked out.
+    """
+
+    vocab_size: int = 40478
+    n_special: int = 0
+    n_ctx: int = 512
+    width: int = 768
+    n_head: int = 12
+    n_layer: int = 12
+    mlp_width: int = 3072
+    embd_dropout: float = 0.1
+    attn_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    # "table" drops entries of the embedding tables as the released code does; "hidden" drops the
+    # summed input embeddings as Hugging Face's OpenAIGPTModel does.
+    embd_dropout_site: Literal["table", "hidden"] = "table"
+    dtype: str = "float32"
+    vocab_pad_multiple: int = 128
+    scan_layers: bool = True
+    remat: str = "none"
+    # "auto" uses jax.nn.dot_product_attention when attention dropout is inactive.
+    attention: Literal["auto", "faithful", "fast"] = "auto"
+
+    def __post_init__(self):
+        checks = [
+            (self.width % self.n_head == 0, "width", f"width {self.width} is not divisible by n_head {self.n_head}"),
+            (self.n_layer >= 1, "n_layer", "n_layer must be >= 1"),
+            (self.n_ctx >= 1, "n_ctx", "n_ctx must be >= 1"),
+            (self.vocab_size >= 1, "vocab_size", "vocab_size must be >= 1"),
+            (self.n_special >= 0, "n_special", "n_special must be >= 0"),
+            (self.vocab_pad_multiple >= 1, "vocab_pad_multiple", "vocab_pad_multiple must be >= 1"),
+            (self.remat in REMAT_POLICIES, "remat", f"remat must be one of {sorted(REMAT_POLICIES)}"),
+            (self.embd_dropout_site in ("table", "hidden"), "embd_dropout_site", "use 'table' or 'hidden'"),
+            (self.attention in ("auto", "faithful", "fast"), "attention", "use 'auto', 'faithful' or 'fast'"),
+            (self.dtype in ("float32", "bfloat16", "float16"), "dtype", "use float32, bfloat16 or float16"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ValueError(f"model.{key}: {message}.")
+
+    @property
+    def n_vocab(self) -> int:
+        """Rows of the token table that are real tokens: BPE entries plus special tokens."""
+        return self.vocab_size + self.n_special
+
+    @property
+    def n_vocab_padded(self) -> int:
+        return -(-self.n_vocab // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.n_head
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **changes) -> "GPT1Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GPT1Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown model config keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**values)
+
+
+def gelu(x):
+    """GELU with the tanh approximation used by the released code."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def dropout(x, rate: float, key):
+    """Inverted dropout; identity when `key` is None (evaluation) or the rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _normal(rngs: nnx.Rngs, shape) -> nnx.Param:
+    return nnx.Param(INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32))
+
+
+class Dense(nnx.Module):
+    """x @ kernel + bias with float32 parameters cast to the compute dtype (the original Conv1D)."""
+
+    def __init__(self, n_in: int, n_out: int, *, rngs: nnx.Rngs):
+        self.kernel = _normal(rngs, (n_in, n_out))  # [in, out]
+        self.bias = nnx.Param(jnp.zeros((n_out,), jnp.float32))
+
+    def __call__(self, x):
+        return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with epsilon 1e-5, statistics in float32 whatever the compute dtype."""
+
+    def __init__(self, width: int):
+        self.scale = nnx.Param(jnp.ones((width,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((width,), jnp.float32))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, config: GPT1Config, *, rngs: nnx.Rngs):
+        self.config = config
+        self.qkv = Dense(config.width, 3 * config.width, rngs=rngs)
+        self.proj = Dense(config.width, config.width, rngs=rngs)
+
+    def __call__(self, x, attn_key=None, resid_key=None):
+        cfg = self.config
+        batch, seq, _ = x.shape
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)  # 3 x [batch, seq, width]
+        q, k, v = (t.reshape(batch, seq, cfg.n_head, cfg.head_dim) for t in (q, k, v))
+        if self._use_fast_path(attn_key):
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = self._faithful_attention(q, k, v, attn_key)
+        out = out.reshape(batch, seq, cfg.width)  # [batch, seq, width]
+        return dropout(self.proj(out), cfg.resid_dropout, resid_key)
+
+    def _use_fast_path(self, attn_key) -> bool:
+        if self.config.attention == "fast":
+            return True
+        if self.config.attention == "faithful":
+            return False
+        return attn_key is None or self.config.attn_dropout == 0.0
+
+    def _faithful_attention(self, q, k, v, attn_key):
+        """Softmax(QK^T / sqrt(d)) with the causal mask and dropout on the probabilities."""
+        cfg = self.config
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+        seq = q.shape[1]
+        causal = jnp.tril(jnp.ones((seq, seq), bool))
+        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, head, q, k]
+        probs = dropout(probs, cfg.attn_dropout, attn_key)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: GPT1Config, *, rngs: nnx.Rngs):
+        self.config = config
+        self.fc = Dense(config.width, config.mlp_width, rngs=rngs)
+        self.proj = Dense(config.mlp_width, config.width, rngs=rngs)
+
+    def __call__(self, x, resid_key=None):
+        return dropout(self.proj(gelu(self.fc(x))), self.config.resid_dropout, resid_key)
+
+
+class Block(nnx.Module):
+    """Post-LN block of the released code: n = LN1(x + attn(x)); h = LN2(n + mlp(n))."""
+
+    def __init__(self, config: GPT1Config, *, rngs: nnx.Rngs):
+        self.attn = CausalSelfAttention(config, rngs=rngs)
+        self.ln_1 = LayerNorm(config.width)
+        self.mlp = MLP(config, rngs=rngs)
+        self.ln_2 = LayerNorm(config.width)
+
+    def __call__(self, x, key=None):
+        keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+        n = self.ln_1(x + self.attn(x, attn_key=keys[0], resid_key=keys[1]))
+        return self.ln_2(n + self.mlp(n, resid_key=keys[2]))
+
+
+class GPT1(nnx.Module):
+    """The backbone (last hidden states) and the tied LM head.
+
+    `tokens_embed` holds [BPE tokens | special tokens | padding] rows, `positions_embed` the
+    n_ctx learned positions; the original single table [positions | tokens] is split in two so
+    special tokens can be added without moving anything else (`with_special_tokens`).
+    """
+
+    def __init__(self, config: GPT1Config, *, rngs: nnx.Rngs):
+        self.config = config
+        self.tokens_embed = nnx.Param(_token_table(rngs, config))
+        self.positions_embed = _normal(rngs, (config.n_ctx, config.width))
+        self.blocks = _stacked_blocks(config, rngs)
+
+    def __call__(self, tokens, *, dropout_key=None):
+        """tokens [batch, seq] int -> last hidden states [batch, seq, width] in the compute dtype."""
+        cfg = self.config
+        seq = tokens.shape[-1]
+        if seq > cfg.n_ctx:
+            raise ValueError(f"Sequence length {seq} exceeds model.n_ctx={cfg.n_ctx}.")
+        embd_key, layers_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        hidden = self._embed(tokens, embd_key)  # [batch, seq, width]
+        return self._run_blocks(hidden, layers_key)
+
+    def _embed(self, tokens, key):
+        cfg = self.config
+        tok_table, pos_table = self.tokens_embed[...], self.positions_embed[: tokens.shape[-1]]
+        if cfg.embd_dropout_site == "table" and key is not None:
+            tok_key, pos_key = jax.random.split(key)
+            tok_table = dropout(tok_table, cfg.embd_dropout, tok_key)
+            pos_table = dropout(pos_table, cfg.embd_dropout, pos_key)
+        hidden = jnp.take(tok_table, tokens, axis=0) + pos_table
+        if cfg.embd_dropout_site == "hidden":
+            hidden = dropout(hidden, cfg.embd_dropout, key)
+        return hidden.astype(cfg.compute_dtype)
+
+    def _run_blocks(self, hidden, key):
+        cfg = self.config
+        graphdef, state = nnx.split(self.blocks)
+        keys = None if key is None else jax.random.split(key, cfg.n_layer)
+
+        def layer(h, layer_state, layer_key):
+            return nnx.merge(graphdef, layer_state)(h, layer_key)
+
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=policy)
+        if cfg.scan_layers:
+            def body(h, xs):
+                return layer(h, *xs), None
+
+            hidden, _ = jax.lax.scan(body, hidden, (state, keys))
+            return hidden
+        for i in range(cfg.n_layer):
+            layer_state = jax.tree.map(lambda a: a[i], state)
+            hidden = layer(hidden, layer_state, None if keys is None else keys[i])
+        return hidden
+
+    def logits(self, hidden):
+        """Tied LM head: hidden [..., width] -> float32 logits [..., n_vocab_padded], padding masked."""
+        table = self.tokens_embed[...].astype(hidden.dtype)
+        logits = jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
+        return mask_padded_logits(logits, self.config)
+
+    def with_special_tokens(self, n_special: int, *, rngs: nnx.Rngs) -> "GPT1":
+        """A copy whose token table gains `n_special` freshly initialised rows after the BPE rows.
+
+        Every other parameter is carried over unchanged (Sec. 3.3: the only new parameters of
+        fine-tuning are W_y and the delimiter-token embeddings).
+        """
+        cfg = self.config
+        new_cfg = cfg.replace(n_special=n_special)
+        fresh = _token_table(rngs, new_cfg)
+        kept_rows = cfg.vocab_size + min(cfg.n_special, n_special)  # BPE rows and specials already learned
+        values = nnx.to_pure_dict(nnx.state(self))
+        values["tokens_embed"] = fresh.at[:kept_rows].set(self.tokens_embed[:kept_rows])
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT1(new_cfg, rngs=nnx.Rngs(0))))
+        nnx.replace_by_pure_dict(state, values)
+        return nnx.merge(graphdef, state)
+
+
+def mask_padded_logits(logits, config: GPT1Config):
+    """Padding rows of the token table are never predicted."""
+    if config.n_vocab_padded == config.n_vocab:
+        return logits
+    valid = jnp.arange(config.n_vocab_padded) < config.n_vocab
+    return jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
+
+
+def _token_table(rngs: nnx.Rngs, config: GPT1Config):
+    """[n_vocab_padded, width]: N(0, 0.02) rows for real tokens, zeros for the padding rows."""
+    table = INIT_STD * jax.random.normal(rngs.params(), (config.n_vocab_padded, config.width), jnp.float32)
+    return table.at[config.n_vocab:].set(0.0)
+
+
+def _stacked_blocks(config: GPT1Config, rngs: nnx.Rngs) -> Block:
+    """One Block whose parameters carry a leading [n_layer] axis (each layer drawn independently)."""
+
+    @nnx.split_rngs(splits=config.n_layer)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(layer_rngs):
+        return Block(config, rngs=layer_rngs)
+
+    return make(rngs)
+
+
+class ClassifierHead(nnx.Module):
+    """W_y of Sec. 3.2: a linear layer on the hidden state read at the `_classify_` position."""
+
+    def __init__(self, width: int, n_out: int, *, dropout_rate: float = 0.1, rngs: nnx.Rngs):
+        self.dropout_rate = dropout_rate
+        self.dense = Dense(width, n_out, rngs=rngs)
+
+    def __call__(self, pooled, *, dropout_key=None):
+        """pooled [..., width] -> float32 outputs [..., n_out]."""
+        pooled = dropout(pooled.astype(jnp.float32), self.dropout_rate, dropout_key)
+        return self.dense(pooled)
+
+
+def gather_positions(hidden, positions):
+    """hidden [batch, seq, width], positions [batch] -> [batch, width]: the state at each position."""
+    return jnp.take_along_axis(hidden, positions[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+def count_params(module: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))

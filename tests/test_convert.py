@@ -1,0 +1,170 @@
+"""Weight conversion: parity with transformers' OpenAIGPT on the same weights, both file formats."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+from gpt1_jax import checkpoint
+from gpt1_jax.convert import (
+    WeightFormatError,
+    load_hf,
+    load_openai_original,
+    model_from_params,
+    original_names,
+    params_of,
+    save_hf,
+)
+from gpt1_jax.model import GPT1, GPT1Config
+
+SMALL_HF = dict(vocab_size=500, n_positions=64, n_embd=64, n_layer=3, n_head=4)
+FULL_HF = dict(vocab_size=40478, n_positions=512, n_embd=768, n_layer=12, n_head=12)
+
+
+def random_hf_model(sizes: dict, seed: int = 0) -> OpenAIGPTLMHeadModel:
+    torch.manual_seed(seed)
+    model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(**sizes)).eval()
+    with torch.no_grad():  # Non-trivial LayerNorm parameters so the test sees them.
+        for name, p in model.named_parameters():
+            if "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def torch_outputs(model: OpenAIGPTLMHeadModel, ids: np.ndarray):
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids), output_hidden_states=True)
+    return out.hidden_states[-1].numpy(), out.logits.numpy()
+
+
+def our_outputs(model: GPT1, ids: np.ndarray):
+    hidden = model(ids)
+    return np.asarray(hidden), np.asarray(model.logits(hidden)[..., : model.config.n_vocab])
+
+
+def random_ids(vocab: int, batch: int, seq: int) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, vocab, (batch, seq)).astype(np.int64)
+
+
+@pytest.mark.parametrize("sizes", [
+    pytest.param(SMALL_HF, id="small"),
+    pytest.param(FULL_HF, id="gpt1", marks=pytest.mark.slow),
+])
+def test_hf_import_matches_transformers(tmp_path, sizes):
+    reference = random_hf_model(sizes)
+    reference.save_pretrained(tmp_path)
+    config, params = load_hf(tmp_path)
+    ours = model_from_params(config, params)
+    ids = random_ids(sizes["vocab_size"], 2, min(64, sizes["n_positions"]))
+    ref_hidden, ref_logits = torch_outputs(reference, ids)
+    hidden, logits = our_outputs(ours, ids)
+    assert np.abs(hidden - ref_hidden).max() <= 1e-4
+    assert np.abs(logits - ref_logits).max() <= 1e-4
+
+
+def write_original_release(directory, sizes: dict, seed: int = 0) -> list[np.ndarray]:
+    """Random weights in the released layout: 146 (for 12 layers) arrays flattened into 10 shards."""
+    d, n_ctx, vocab = sizes["n_embd"], sizes["n_positions"], sizes["vocab_size"]
+    per_layer = [(1, d, 3 * d), (3 * d,), (1, d, d), (d,), (d,), (d,), (1, d, 4 * d), (4 * d,), (1, 4 * d, d), (d,), (d,), (d,)]
+    shapes = [(n_ctx, d), (vocab, d)] + per_layer * sizes["n_layer"]
+    rng = np.random.default_rng(seed)
+    arrays = [(0.02 * rng.standard_normal(s)).astype(np.float32) for s in shapes]
+    flat = np.concatenate([a.reshape(-1) for a in arrays])
+    (directory / "params_shapes.json").write_text(json.dumps([list(s) for s in shapes]))
+    for i, shard in enumerate(np.array_split(flat, 10)):
+        np.save(directory / f"params_{i}.npy", shard)
+    return arrays
+
+
+def reference_from_original(arrays: list[np.ndarray], sizes: dict) -> OpenAIGPTLMHeadModel:
+    """An independent reader of the original layout (transformers 5 has none): fill a PyTorch model."""
+    model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(**sizes)).eval()
+    state = model.state_dict()
+    for name, array in zip(original_names(sizes["n_layer"]), arrays):
+        key = "transformer." + name
+        state[key] = torch.from_numpy(array.reshape(state[key].shape).copy())
+    state["lm_head.weight"] = state["transformer.tokens_embed.weight"]
+    model.load_state_dict(state)
+    return model
+
+
+@pytest.mark.parametrize("sizes", [
+    pytest.param(SMALL_HF, id="small"),
+    pytest.param(FULL_HF, id="gpt1", marks=pytest.mark.slow),
+])
+def test_original_release_import_matches_an_independent_reader(tmp_path, sizes):
+    arrays = write_original_release(tmp_path, sizes)
+    if sizes is FULL_HF:
+        assert len(arrays) == 146
+    config, params = load_openai_original(tmp_path, GPT1Config(
+        vocab_size=sizes["vocab_size"], n_ctx=sizes["n_positions"], width=sizes["n_embd"],
+        n_layer=sizes["n_layer"], n_head=sizes["n_head"], mlp_width=4 * sizes["n_embd"]))
+    ids = random_ids(sizes["vocab_size"], 2, 32)
+    ref_hidden, ref_logits = torch_outputs(reference_from_original(arrays, sizes), ids)
+    hidden, logits = our_outputs(model_from_params(config, params), ids)
+    assert np.abs(hidden - ref_hidden).max() <= 1e-4
+    assert np.abs(logits - ref_logits).max() <= 1e-4
+
+
+def test_original_release_sizes_are_read_from_the_shapes(tmp_path):
+    write_original_release(tmp_path, SMALL_HF)
+    config, _ = load_openai_original(tmp_path)
+    assert (config.vocab_size, config.n_ctx, config.width, config.n_layer, config.mlp_width) == (500, 64, 64, 3, 256)
+
+
+def test_round_trip_through_hf_is_exact_and_pytorch_gives_our_logits(tmp_path):
+    ours = GPT1(GPT1Config(vocab_size=500, n_special=3, n_ctx=64, width=64, n_head=4, n_layer=2, mlp_width=256),
+                rngs=nnx.Rngs(0))
+    save_hf(ours, tmp_path)
+    reference, info = OpenAIGPTLMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    config, params = load_hf(tmp_path)
+    assert config == ours.config
+    for a, b in zip(jax.tree.leaves(params_of(ours)), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    ids = random_ids(503, 2, 40)
+    ref_hidden, ref_logits = torch_outputs(reference.eval(), ids)
+    hidden, logits = our_outputs(ours, ids)
+    assert np.abs(logits - ref_logits).max() <= 1e-4
+
+
+def test_cli_writes_an_orbax_checkpoint_training_can_start_from(tmp_path):
+    random_hf_model(SMALL_HF).save_pretrained(tmp_path / "hf")
+    subprocess.run([sys.executable, "-m", "gpt1_jax.convert", "--hf", str(tmp_path / "hf"),
+                    "--orbax", str(tmp_path / "ckpt")], check=True)
+    config, params, metadata = checkpoint.load_pretrained(tmp_path / "ckpt")
+    expected_config, expected = load_hf(tmp_path / "hf")
+    assert config == expected_config and metadata["kind"] == "converted"
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_missing_shard_names_the_file(tmp_path):
+    write_original_release(tmp_path, SMALL_HF)
+    (tmp_path / "params_7.npy").unlink()
+    with pytest.raises(WeightFormatError, match="params_7.npy"):
+        load_openai_original(tmp_path)
+
+
+def test_wrong_shape_names_the_tensor_and_both_shapes(tmp_path):
+    random_hf_model(SMALL_HF).save_pretrained(tmp_path)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["transformer.h.1.mlp.c_fc.weight"] = tensors["transformer.h.1.mlp.c_fc.weight"][:, :100].copy()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightFormatError, match=r"h\.1\.mlp\.c_fc\.weight.*\(64, 100\).*\(64, 256\)"):
+        load_hf(tmp_path)
+
+
+def test_config_of_another_width_than_the_checkpoint_is_refused(tmp_path):
+    write_original_release(tmp_path, SMALL_HF)
+    with pytest.raises(WeightFormatError, match=r"tokens_embed.weight.*\(500, 64\).*\(500, 128\)"):
+        load_openai_original(tmp_path, GPT1Config(vocab_size=500, n_ctx=64, width=128, n_head=4, n_layer=3, mlp_width=512))

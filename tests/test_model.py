@@ -1,0 +1,162 @@
+"""The GPT-1 network: structure, parameter count, dropout sites, scan vs unrolled, special tokens."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gpt1_jax.convert import model_from_params, params_of
+from gpt1_jax.model import GPT1, ClassifierHead, GPT1Config, count_params, gather_positions
+
+TINY = GPT1Config(vocab_size=300, n_ctx=32, width=48, n_head=4, n_layer=3, mlp_width=96, vocab_pad_multiple=128)
+
+
+def tokens(batch=2, seq=16, high=300, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, high, (batch, seq)), jnp.int32)
+
+
+def test_parameter_count_of_gpt1_is_the_papers():
+    abstract = nnx.eval_shape(lambda: GPT1(GPT1Config(vocab_pad_multiple=1), rngs=nnx.Rngs(0)))
+    assert count_params(abstract) == 116_534_784
+    with_specials = nnx.eval_shape(lambda: GPT1(GPT1Config(n_special=3, vocab_pad_multiple=1), rngs=nnx.Rngs(0)))
+    assert count_params(with_specials) == 116_534_784 + 3 * 768
+
+
+def test_init_is_normal_002_with_zero_biases_and_unit_gains():
+    model = GPT1(GPT1Config(vocab_size=2000, n_layer=2, width=128, n_head=2, mlp_width=512, n_ctx=64), rngs=nnx.Rngs(0))
+    assert abs(float(jnp.std(model.tokens_embed[...])) - 0.02) < 1e-3
+    assert abs(float(jnp.std(model.blocks.mlp.fc.kernel[...])) - 0.02) < 1e-3
+    assert float(jnp.abs(model.blocks.attn.qkv.bias[...]).max()) == 0.0
+    assert float(jnp.abs(model.blocks.ln_2.scale[...] - 1).max()) == 0.0
+    # Each layer is drawn independently, not copied.
+    kernels = model.blocks.attn.qkv.kernel[...]
+    assert kernels.shape[0] == 2 and not np.allclose(kernels[0], kernels[1])
+
+
+def test_scanned_and_unrolled_layers_give_the_same_output():
+    scanned = GPT1(TINY, rngs=nnx.Rngs(0))
+    unrolled = model_from_params(TINY.replace(scan_layers=False), params_of(scanned))
+    x = tokens()
+    np.testing.assert_allclose(scanned(x), unrolled(x), atol=1e-6)
+    key = jax.random.key(3)
+    np.testing.assert_allclose(scanned(x, dropout_key=key), unrolled(x, dropout_key=key), atol=1e-6)
+
+
+def test_remat_does_not_change_outputs_or_gradients():
+    model = GPT1(TINY, rngs=nnx.Rngs(0))
+    remat = model_from_params(TINY.replace(remat="full"), params_of(model))
+    x = tokens()
+
+    def loss(m):
+        return jnp.mean(m.logits(m(x, dropout_key=jax.random.key(0)))[..., :300] ** 2)
+
+    g1, g2 = nnx.grad(loss)(model), nnx.grad(loss)(remat)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_eval_mode_is_deterministic_and_dropout_is_active_in_training():
+    model = GPT1(TINY, rngs=nnx.Rngs(0))
+    x = tokens()
+    np.testing.assert_array_equal(model(x), model(x))
+    assert float(jnp.abs(model(x, dropout_key=jax.random.key(1)) - model(x)).max()) > 1e-2
+    no_dropout = model_from_params(TINY.replace(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0), params_of(model))
+    np.testing.assert_allclose(no_dropout(x, dropout_key=jax.random.key(1)), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("site", ["embd_dropout", "attn_dropout", "resid_dropout"])
+def test_each_dropout_site_acts_on_its_own(site):
+    off = dict(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
+    model = GPT1(TINY.replace(**{**off, site: 0.5}), rngs=nnx.Rngs(0))
+    x = tokens()
+    assert float(jnp.abs(model(x, dropout_key=jax.random.key(1)) - model(x)).max()) > 1e-3
+
+
+def test_table_dropout_masks_repeated_tokens_identically():
+    """The released code drops entries of the embedding table, so a token repeated at several
+    positions gets the same mask; dropping the summed hidden states (Hugging Face) does not."""
+    cfg = TINY.replace(embd_dropout=0.5)
+    params = params_of(GPT1(cfg, rngs=nnx.Rngs(0)))
+    params["positions_embed"] = np.zeros_like(params["positions_embed"])
+    x = jnp.full((1, 8), 7, jnp.int32)
+    key = jax.random.key(2)
+    table_embed = model_from_params(cfg, params)._embed(x, key)[0]  # [seq, width]
+    hidden_embed = model_from_params(cfg.replace(embd_dropout_site="hidden"), params)._embed(x, key)[0]
+    np.testing.assert_array_equal(table_embed[0], table_embed[5])
+    assert not np.allclose(hidden_embed[0], hidden_embed[5])
+    assert 0.3 < float(jnp.mean(table_embed[0] == 0)) < 0.7
+
+
+def test_fast_and_faithful_attention_agree_without_dropout():
+    faithful = GPT1(TINY.replace(attention="faithful"), rngs=nnx.Rngs(0))
+    fast = model_from_params(TINY.replace(attention="fast"), params_of(faithful))
+    x = tokens()
+    np.testing.assert_allclose(faithful(x), fast(x), atol=2e-5)
+
+
+def test_attention_is_causal():
+    model = GPT1(TINY, rngs=nnx.Rngs(0))
+    x = tokens()
+    y = x.at[:, 10:].set(5)
+    np.testing.assert_allclose(model(x)[:, :10], model(y)[:, :10], atol=1e-6)
+
+
+def test_padded_vocabulary_changes_no_logit_and_padding_is_masked():
+    padded = GPT1(TINY, rngs=nnx.Rngs(0))
+    params = params_of(padded)
+    params["tokens_embed"] = params["tokens_embed"][:300]
+    unpadded = model_from_params(TINY.replace(vocab_pad_multiple=1), params)
+    x = tokens()
+    logits_padded, logits_plain = padded.logits(padded(x)), unpadded.logits(unpadded(x))
+    assert logits_padded.shape[-1] == 384 and logits_plain.shape[-1] == 300
+    np.testing.assert_allclose(logits_padded[..., :300], logits_plain, atol=1e-6)
+    assert float(jax.nn.softmax(logits_padded)[..., 300:].max()) == 0.0
+
+
+def test_adding_special_tokens_keeps_every_other_parameter():
+    model = GPT1(TINY, rngs=nnx.Rngs(0))
+    tuned = model.with_special_tokens(3, rngs=nnx.Rngs(1))
+    assert tuned.config.n_special == 3 and tuned.config.n_vocab == 303
+    np.testing.assert_array_equal(tuned.tokens_embed[:300], model.tokens_embed[:300])
+    assert float(jnp.std(tuned.tokens_embed[300:303])) > 0.005
+    old, new = params_of(model), params_of(tuned)
+    for a, b in zip(jax.tree.leaves(old["blocks"]), jax.tree.leaves(new["blocks"])):
+        np.testing.assert_array_equal(a, b)
+    x = tokens()
+    np.testing.assert_array_equal(model(x), tuned(x))
+    assert tuned(jnp.asarray([[1, 300, 301, 302]])).shape == (1, 4, TINY.width)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_stays_close():
+    model = GPT1(TINY, rngs=nnx.Rngs(0))
+    bf16 = model_from_params(TINY.replace(dtype="bfloat16"), params_of(model))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params_of(bf16)))
+    x = tokens()
+    out = bf16(x)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), model(x), atol=0.1)
+    assert bf16.logits(out).dtype == jnp.float32
+
+
+def test_classifier_head_reads_the_state_at_the_given_positions():
+    hidden = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
+    np.testing.assert_array_equal(gather_positions(hidden, jnp.array([4, 1])), hidden[jnp.array([0, 1]), jnp.array([4, 1])])
+    head = ClassifierHead(3, 2, rngs=nnx.Rngs(0))
+    assert head(gather_positions(hidden, jnp.array([4, 1]))).shape == (2, 2)
+
+
+@pytest.mark.parametrize("changes,key", [
+    (dict(width=50, n_head=4), "width"),
+    (dict(remat="sometimes"), "remat"),
+    (dict(dtype="int8"), "dtype"),
+])
+def test_impossible_configs_name_the_key(changes, key):
+    with pytest.raises(ValueError, match=f"model.{key}"):
+        TINY.replace(**changes)
+
+
+def test_sequence_longer_than_the_position_table_is_refused():
+    model = GPT1(TINY, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="n_ctx"):
+        model(tokens(seq=40))
