@@ -1,0 +1,1 @@
+"""Input pipelines: text sources, the token cache and LM windows for pre-training, task readers."""

@@ -1,0 +1,201 @@
+"""The paper's task-specific input transformations (Sec. 3.3, Figure 1 right) as padded numpy arrays.
+
+Every task becomes one or more token rows per example, each `[_start_] ... [_classify_]`, so the pre-trained
+model runs unchanged and only the head differs. All kinds share one layout, `[examples, rows, seq]`:
+- classification (1 row):   `[s] text [c]`
+- entailment (1 row):       `[s] premise [d] hypothesis [c]`
+- similarity (2 rows):      `[s] A [d] B [c]` and `[s] B [d] A [c]`; the model adds the two final hidden states
+- multiple choice (k rows): `[s] context question [d] answer_k [c]`; one logit per row, softmax over rows.
+
+Truncation follows the released code (finetune-transformer-lm `transform_roc`): each text of a pair and
+each answer is cut to `max_text_len` tokens, default `n_ctx // 2 - 2`, keeping its beginning, so a row is
+at most `n_ctx - 1` tokens. A single classification text has the row to itself and is cut to `n_ctx - 2`.
+For multiple choice the context (article, then the RACE question) gets all the room the longest answer
+leaves, `n_ctx - 3 - longest answer`, and is cut from the *front*: the question sits at its end and must
+survive, and a story ending follows from the last sentences. No row ever exceeds `n_ctx`.
+"""
+
+import dataclasses
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from gpt1_jax import tasks
+from gpt1_jax.data.task_readers import Example
+
+try:
+    from gpt1_jax.tokenizer import CLASSIFY_ID, DELIMITER_ID, START_ID
+except ImportError:  # the tokenizer module is optional here: these ids are fixed by the released code
+    START_ID, DELIMITER_ID, CLASSIFY_ID = 40478, 40479, 40480
+
+PAD_ID = 0  # padding positions are masked out, so any in-vocabulary id works; 0 is `<unk>`
+
+Tokens = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedExample:
+    """An `Example` with its texts as BPE ids; `b` is None for single-text tasks."""
+
+    a: Tokens
+    b: Tokens | None
+    choices: tuple[Tokens, ...] | None
+    label: int | float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskArrays:
+    """Model inputs for a set of examples.
+
+    tokens: int32 [examples, rows, seq]; mask: float32 [examples, rows, seq], 1 on real tokens (the
+    auxiliary LM loss, L3 = L2 + 0.5 * L1 of Sec. 3.2, is taken over them); classify_positions: int32
+    [examples, rows], where `_classify_` sits; labels: int32 [examples] (-1 when unlabeled) or float32
+    [examples] for regression (nan when unlabeled).
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    classify_positions: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def encode_examples(examples: Sequence[Example],
+                    encode_batch: Callable[[list[str]], list[list[int]]]) -> list[EncodedExample]:
+    """Encodes all texts of `examples` with one `encode_batch` call (e.g. `GPT1Tokenizer.encode_batch`)."""
+    texts: list[str] = []
+    for ex in examples:
+        texts.append(ex.text_a)
+        texts.extend([ex.text_b] if ex.text_b is not None else [])
+        texts.extend(ex.choices or ())
+    ids = iter(encode_batch(texts))
+    encoded = []
+    for ex in examples:
+        a = tuple(next(ids))
+        b = tuple(next(ids)) if ex.text_b is not None else None
+        choices = tuple(tuple(next(ids)) for _ in ex.choices) if ex.choices is not None else None
+        encoded.append(EncodedExample(a, b, choices, ex.label))
+    return encoded
+
+
+def _single(ex: EncodedExample, n_ctx: int, max_text_len: int) -> list[list[int]]:
+    del max_text_len
+    return [[START_ID, *ex.a[:n_ctx - 2], CLASSIFY_ID]]
+
+
+def _pair(first: Tokens, second: Tokens, max_text_len: int) -> list[int]:
+    return [START_ID, *first[:max_text_len], DELIMITER_ID, *second[:max_text_len], CLASSIFY_ID]
+
+
+def _entailment(ex: EncodedExample, n_ctx: int, max_text_len: int) -> list[list[int]]:
+    del n_ctx
+    return [_pair(ex.a, _need(ex.b, "text_b"), max_text_len)]
+
+
+def _similarity(ex: EncodedExample, n_ctx: int, max_text_len: int) -> list[list[int]]:
+    del n_ctx
+    b = _need(ex.b, "text_b")
+    return [_pair(ex.a, b, max_text_len), _pair(b, ex.a, max_text_len)]
+
+
+def _multiple_choice(ex: EncodedExample, n_ctx: int, max_text_len: int) -> list[list[int]]:
+    answers = [c[:max_text_len] for c in _need(ex.choices, "choices")]
+    context = ex.a + (ex.b or ())
+    room = n_ctx - 3 - max(len(a) for a in answers)
+    context = context[len(context) - room:] if len(context) > room else context  # keep the end
+    return [[START_ID, *context, DELIMITER_ID, *answer, CLASSIFY_ID] for answer in answers]
+
+
+def _need(value, field: str):
+    if value is None:
+        raise ValueError(f"this task kind needs {field} in every example, and one has none")
+    return value
+
+
+_ROWS = {
+    tasks.CLASSIFICATION: _single,
+    tasks.ENTAILMENT: _entailment,
+    tasks.SIMILARITY: _similarity,
+    tasks.REGRESSION_SIMILARITY: _similarity,
+    tasks.MULTIPLE_CHOICE: _multiple_choice,
+}
+
+
+def _all_rows(encoded: Sequence[EncodedExample], kind: str, n_ctx: int,
+              max_text_len: int | None) -> list[list[list[int]]]:
+    if kind not in _ROWS:
+        raise ValueError(f"unknown task kind {kind!r}; kinds: {sorted(_ROWS)}")
+    max_text_len = n_ctx // 2 - 2 if max_text_len is None else max_text_len
+    if not 0 < max_text_len <= (n_ctx - 3) // 2:
+        raise ValueError(f"max_text_len must be in [1, (n_ctx - 3) // 2 = {(n_ctx - 3) // 2}] so that a pair "
+                         f"and its 3 special tokens fit in n_ctx={n_ctx}; got {max_text_len}")
+    return [_ROWS[kind](ex, n_ctx, max_text_len) for ex in encoded]
+
+
+def context_length(encoded: Sequence[EncodedExample], kind: str, n_ctx: int = 512,
+                   max_text_len: int | None = None) -> int:
+    """The shortest padded length that holds every row: the longest truncated example + 3 special tokens,
+    as the released code sizes its context (it is at most `n_ctx`). Pass it as `seq_len` to `build_inputs`."""
+    return max(len(row) for rows in _all_rows(encoded, kind, n_ctx, max_text_len) for row in rows)
+
+
+def build_inputs(encoded: Sequence[EncodedExample], kind: str, n_ctx: int = 512, max_text_len: int | None = None,
+                 seq_len: int | None = None) -> TaskArrays:
+    """Transforms (Sec. 3.3), truncates to `n_ctx` and pads to `seq_len` (default `n_ctx`) every example."""
+    if not encoded:
+        raise ValueError("no examples to build inputs from")
+    all_rows = _all_rows(encoded, kind, n_ctx, max_text_len)
+    seq_len = n_ctx if seq_len is None else seq_len
+    longest = max(len(row) for rows in all_rows for row in rows)
+    if longest > seq_len:
+        raise ValueError(f"seq_len={seq_len} is shorter than the longest row ({longest}); use context_length()")
+    n_rows = {len(rows) for rows in all_rows}
+    if len(n_rows) != 1:
+        raise ValueError(f"every example needs the same number of rows (choices), got {sorted(n_rows)}")
+    shape = (len(all_rows), n_rows.pop(), seq_len)
+    tokens = np.full(shape, PAD_ID, np.int32)  # [examples, rows, seq]
+    mask = np.zeros(shape, np.float32)  # [examples, rows, seq]
+    classify_positions = np.zeros(shape[:2], np.int32)  # [examples, rows]
+    for i, rows in enumerate(all_rows):
+        for j, row in enumerate(rows):
+            tokens[i, j, :len(row)] = row
+            mask[i, j, :len(row)] = 1.0
+            classify_positions[i, j] = len(row) - 1
+    regression = kind == tasks.REGRESSION_SIMILARITY
+    missing = np.nan if regression else -1
+    labels = np.array([missing if ex.label is None else ex.label for ex in encoded],
+                      np.float32 if regression else np.int32)  # [examples]
+    return TaskArrays(tokens, mask, classify_positions, labels)
+
+
+def batches(arrays: TaskArrays, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+            drop_remainder: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size batches (one jit shape). Unless `drop_remainder`, the last batch is filled with padding
+    examples of weight 0, so an evaluation that weights by `weights` counts every example exactly once.
+
+    Each batch: tokens/mask [batch, rows, seq], classify_positions [batch, rows], labels [batch],
+    weights float32 [batch] (1 real, 0 padding), index int32 [batch] (position in `arrays`, -1 padding).
+    Shuffling uses `numpy.random.default_rng(seed)`; pass a new seed per epoch for a new order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    n = len(arrays)
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    stop = n - n % batch_size if drop_remainder else n
+    for start in range(0, stop, batch_size):
+        index = order[start:start + batch_size]
+        real = len(index)
+        index = np.concatenate([index, np.zeros(batch_size - real, index.dtype)])  # [batch]
+        weights = (np.arange(batch_size) < real).astype(np.float32)  # [batch]
+        labels = arrays.labels[index].copy()
+        labels[real:] = 0  # a valid label, so losses stay finite before weighting
+        yield {
+            "tokens": np.where(weights[:, None, None] > 0, arrays.tokens[index], PAD_ID).astype(np.int32),
+            "mask": arrays.mask[index] * weights[:, None, None],
+            "classify_positions": arrays.classify_positions[index] * (weights[:, None] > 0),
+            "labels": labels,
+            "weights": weights,
+            "index": np.where(weights > 0, index, -1).astype(np.int32),
+        }

@@ -1,0 +1,369 @@
+"""Readers that turn task data, from local files or TFDS, into one common `Example` record.
+
+Fine-tuning (Sec. 3.2) sees every task as text(s) plus a label; these readers hide each source's format so
+the input transformations of Sec. 3.3 (`gpt1_jax.data.task_inputs`) and the loop feed on one record type,
+whether the data comes from `tfds.load` or from files laid out like `shared/data` (the `local` field of a
+`gpt1_jax.tasks.TaskSpec`).
+
+Bad input is an error naming file and line by default (`on_error="raise"`). With `on_error="skip"` a bad row
+is skipped, counted in `ReadResult.skipped` and logged, and undecodable bytes are replaced (counted in
+`ReadResult.repaired`). Rows whose raw label means "no gold label" (SNLI '-', TFDS -1) are the standard
+exclusion, not errors: they are counted in `ReadResult.dropped`.
+"""
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from gpt1_jax import tasks
+
+DATA_ENV = "GPT1_JAX_DATA"
+ON_ERROR = ("raise", "skip")
+_RACE_LETTERS = "ABCD"
+_STORY_SENTENCES = tuple(f"InputSentence{i}" for i in range(1, 5))
+_STORY_ENDINGS = ("RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2")
+
+
+class DataError(ValueError):
+    """Input data that cannot be read as the task expects; the message says where and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One task example. `text_b` is the hypothesis/second sentence (or a RACE question, which the
+    multiple-choice layout appends to the context); `choices` holds the candidate answers; `label` is a
+    class/answer index, a float for regression, or None when the split is unlabeled (GLUE test).
+    `uid` identifies the example in a submission file (GLUE `index`, RACE `<article>-<question>`, ...)."""
+
+    uid: str
+    text_a: str
+    text_b: str | None = None
+    choices: tuple[str, ...] | None = None
+    label: int | float | None = None
+
+
+@dataclasses.dataclass
+class ReadResult:
+    examples: list[Example]
+    skipped: int = 0  # malformed rows left out with on_error="skip"
+    dropped: int = 0  # rows without a gold label, left out by design
+    repaired: int = 0  # rows whose non-UTF-8 bytes were replaced with on_error="skip"
+    problems: list[str] = dataclasses.field(default_factory=list)  # one message per skipped/repaired row
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def extend(self, other: "ReadResult") -> None:
+        self.examples.extend(other.examples)
+        self.skipped += other.skipped
+        self.dropped += other.dropped
+        self.repaired += other.repaired
+        self.problems.extend(other.problems)
+
+
+class _Policy:
+    """Applies `on_error` to one read: raise at once, or record the problem into the result."""
+
+    def __init__(self, on_error: str, result: ReadResult):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.skip = on_error == "skip"
+        self.result = result
+
+    def bad_row(self, message: str) -> None:
+        if not self.skip:
+            raise DataError(message + " (pass on_error='skip' to skip such rows)")
+        self.result.skipped += 1
+        self.result.problems.append(message)
+
+    def bad_bytes(self, message: str) -> None:
+        if not self.skip:
+            raise DataError(message + " (re-encode the file as UTF-8, or pass on_error='skip' to replace)")
+        self.result.repaired += 1
+        self.result.problems.append(message)
+
+
+def resolve_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Path:
+    """The folder laid out like `shared/data`: `data_root` if given, else `$GPT1_JAX_DATA`."""
+    root = data_root if data_root is not None else os.environ.get(DATA_ENV)
+    if root is None:
+        raise DataError(f"no data root: pass data_root or set ${DATA_ENV} to a folder laid out like shared/data")
+    return pathlib.Path(root)
+
+
+def _lines(path: pathlib.Path, policy: _Policy) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its end-of-line) for each line; strict UTF-8, BOM stripped."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                policy.bad_bytes(f"{path}:{number}: invalid UTF-8 byte {raw[e.start]:#04x} at column {e.start + 1}")
+                line = raw.decode("utf-8", errors="replace")
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            yield number, line.rstrip("\r\n")
+
+
+def _table_records(rows: Iterable[tuple[int, list[str]]], path: pathlib.Path, header: Sequence[str] | None,
+                   required: Sequence[str], policy: _Policy) -> Iterator[tuple[int, dict[str, str]]]:
+    rows = iter(rows)
+    if header is None:
+        _, header = next(rows, (0, []))
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}: no column(s) {missing}; the columns are {list(header)}")
+    for number, fields in rows:
+        if fields == [""] or not fields:
+            continue  # blank line, e.g. at the end of a file
+        if len(fields) != len(header):
+            policy.bad_row(f"{path}:{number}: expected {len(header)} columns {list(header)}, found {len(fields)}")
+            continue
+        yield number, dict(zip(header, fields))
+
+
+def _tsv_records(path, header, required, policy):
+    """GLUE TSV: split on tabs with no quote handling, because several files hold unbalanced `"`."""
+    rows = ((number, line.split("\t")) for number, line in _lines(path, policy))
+    return _table_records(rows, path, header, required, policy)
+
+
+def _csv_records(path, header, required, policy):
+    lines = _lines(path, policy)
+    numbers = []
+
+    def text() -> Iterator[str]:
+        for number, line in lines:
+            numbers.append(number)
+            yield line + "\n"
+
+    reader = csv.reader(text())
+    try:
+        rows = [(numbers[-1], fields) for fields in reader]
+    except csv.Error as e:
+        raise DataError(f"{path}:{numbers[-1]}: malformed CSV ({e})") from None
+    return _table_records(rows, path, header, required, policy)
+
+
+def _jsonl_records(path, header, required, policy):
+    del header
+    for number, line in _lines(path, policy):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            policy.bad_row(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(record, dict):
+            policy.bad_row(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            continue
+        missing = [c for c in required if c not in record]
+        if missing:
+            policy.bad_row(f"{path}:{number}: no field(s) {missing}; the fields are {sorted(record)}")
+            continue
+        yield number, record
+
+
+_RECORDS = {"tsv": _tsv_records, "csv": _csv_records, "jsonl": _jsonl_records}
+
+
+def _parse_label(raw: Any, label_names: Sequence[str] | None, where: str, policy: _Policy) -> int | float | None:
+    """Index of `raw` in `label_names`; a float when `label_names` is None (regression, STS-B)."""
+    if label_names is None:
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            policy.bad_row(f"{where}: label {raw!r} is not a number")
+            return None
+    if str(raw) not in label_names:
+        policy.bad_row(f"{where}: label {raw!r} is not one of {list(label_names)}")
+        return None
+    return list(label_names).index(str(raw))
+
+
+def read_columns(path: str | os.PathLike, *, text_a: str, text_b: str | None = None, label: str | None = None,
+                 label_names: Sequence[str] | None = None, uid: str | None = None, format: str | None = None,
+                 header: Sequence[str] | None = None, drop_labels: Sequence[str] = (),
+                 on_error: str = "raise") -> ReadResult:
+    """Classification or pair data from a TSV, CSV or JSON-lines file, with its columns named.
+
+    Works for the task files (GLUE, SNLI, MNLI, SciTail) and for a user's own data. `format` defaults to the
+    suffix (.tsv/.csv/.jsonl); `header` names the columns of a file without a header line; `label=None`
+    reads an unlabeled file; `label_names` gives the raw label values in index order (None: float labels).
+    """
+    path = pathlib.Path(path)
+    format = format or path.suffix.lstrip(".")
+    if format not in _RECORDS:
+        raise DataError(f"{path}: unknown format {format!r}; use one of {sorted(_RECORDS)}")
+    result = ReadResult([])
+    policy = _Policy(on_error, result)
+    required = [c for c in (text_a, text_b, label, uid) if c is not None]
+    for row, (number, record) in enumerate(_RECORDS[format](path, header, required, policy)):
+        parsed = None
+        if label is not None:
+            if str(record[label]) in drop_labels:
+                result.dropped += 1
+                continue
+            parsed = _parse_label(record[label], label_names, f"{path}:{number}", policy)
+            if parsed is None:
+                continue
+        text_b_value = str(record[text_b]) if text_b is not None else None
+        result.examples.append(Example(str(record[uid]) if uid else str(row), str(record[text_a]),
+                                       text_b_value, label=parsed))
+    return _logged(result, str(path))
+
+
+def _race_examples(article_id: str, article: str, questions: Sequence[str], options: Sequence[Sequence[str]],
+                   answers: Sequence[str], where: str, policy: _Policy) -> Iterator[Example]:
+    """One Example per question of a RACE article (the source stores one record per article)."""
+    if not len(questions) == len(options) == len(answers):
+        policy.bad_row(f"{where}: {len(questions)} questions, {len(options)} option lists, {len(answers)} answers")
+        return
+    for i, (question, choices, answer) in enumerate(zip(questions, options, answers)):
+        if len(choices) != len(_RACE_LETTERS) or answer not in _RACE_LETTERS:
+            policy.bad_row(f"{where}: question {i} needs 4 options and an answer in A-D, got "
+                           f"{len(choices)} options and answer {answer!r}")
+            continue
+        yield Example(f"{article_id}-{i}", article, question, tuple(choices), _RACE_LETTERS.index(answer))
+
+
+def read_race_jsonl(path: str | os.PathLike, on_error: str = "raise") -> ReadResult:
+    """RACE, one article per line: `{"id", "article", "questions", "options", "answers"}`."""
+    path = pathlib.Path(path)
+    result = ReadResult([])
+    policy = _Policy(on_error, result)
+    fields = ("id", "article", "questions", "options", "answers")
+    for number, r in _jsonl_records(path, None, fields, policy):
+        result.examples.extend(_race_examples(r["id"], r["article"], r["questions"], r["options"],
+                                              r["answers"], f"{path}:{number}", policy))
+    return _logged(result, str(path))
+
+
+def read_story_cloze_csv(path: str | os.PathLike, on_error: str = "raise") -> ReadResult:
+    """Story Cloze Test CSV: four context sentences, two endings, `AnswerRightEnding` 1 or 2.
+
+    The context is the four sentences joined by spaces, as TFDS `story_cloze` builds it."""
+    path = pathlib.Path(path)
+    result = ReadResult([])
+    policy = _Policy(on_error, result)
+    required = ("InputStoryid", *_STORY_SENTENCES, *_STORY_ENDINGS, "AnswerRightEnding")
+    for number, r in _csv_records(path, None, required, policy):
+        answer = r["AnswerRightEnding"]
+        if answer not in ("1", "2"):
+            policy.bad_row(f"{path}:{number}: AnswerRightEnding {answer!r} is not 1 or 2")
+            continue
+        result.examples.append(Example(r["InputStoryid"], " ".join(r[s] for s in _STORY_SENTENCES),
+                                       choices=tuple(r[e] for e in _STORY_ENDINGS), label=int(answer) - 1))
+    return _logged(result, str(path))
+
+
+def _read_columns_file(file: tasks.LocalFile, path: pathlib.Path, spec: tasks.TaskSpec, on_error: str):
+    label_names = spec.raw_labels if spec.label_names else None
+    return read_columns(path, text_a=file.text_a, text_b=file.text_b, label=file.label, label_names=label_names,
+                        uid=file.uid, format=file.format, header=file.header, drop_labels=file.drop_labels,
+                        on_error=on_error)
+
+
+_LOCAL_FORMATS: dict[str, Callable[..., ReadResult]] = {
+    "tsv": _read_columns_file,
+    "csv": _read_columns_file,
+    "jsonl": _read_columns_file,
+    "race_jsonl": lambda file, path, spec, on_error: read_race_jsonl(path, on_error),
+    "story_cloze_csv": lambda file, path, spec, on_error: read_story_cloze_csv(path, on_error),
+}
+
+
+def read_local(spec: tasks.TaskSpec, split: str, data_root: str | os.PathLike | None = None,
+               on_error: str = "raise") -> ReadResult:
+    """The examples of `split` of a task from its local files (see `TaskSpec.local`) under the data root."""
+    if split not in spec.local:
+        raise DataError(f"task {spec.name!r} has no local {split!r} split (local splits: {sorted(spec.local)}); "
+                        f"read it from TFDS with read_tfds (TFDS splits: {sorted(spec.tfds.splits)})")
+    root = resolve_data_root(data_root)
+    result = ReadResult([])
+    for file in spec.local[split]:
+        path = root / file.path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: task {spec.name!r} split {split!r} expects it under the "
+                                    f"data root {root} (set ${DATA_ENV} or pass data_root)")
+        result.extend(_LOCAL_FORMATS[file.format](file, path, spec, on_error))
+    return result
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _tfds_columns(record: dict, src: tasks.TfdsSource, spec: tasks.TaskSpec, index: int, where: str,
+                  policy: _Policy, result: ReadResult) -> None:
+    choices = tuple(_text(c) for c in record[src.choices]) if src.choices else None
+    raw = record[src.label].item()
+    if not spec.label_names:
+        label = float(raw)
+    elif raw == -1:  # TFDS marks unlabeled (GLUE test) and gold-less (SNLI) examples with -1
+        if src.drop_unlabeled:
+            result.dropped += 1
+            return
+        label = None
+    else:
+        label = int(raw) + src.label_offset
+        n_classes = len(choices) if choices is not None else len(spec.label_names)
+        if not 0 <= label < n_classes:
+            policy.bad_row(f"{where}: label {raw} out of range for {n_classes} classes")
+            return
+    uid = _text(record[src.uid]) if src.uid else str(index)
+    text_b = _text(record[src.text_b]) if src.text_b else None
+    result.examples.append(Example(uid, _text(record[src.text_a]), text_b, choices, label))
+
+
+def _tfds_race(record, src, spec, index, where, policy, result) -> None:
+    del spec, index
+    questions = [_text(q) for q in record[src.text_b]]
+    options = [[_text(o) for o in opts] for opts in record[src.choices]]
+    answers = [_text(a) for a in record[src.label]]
+    result.examples.extend(_race_examples(_text(record[src.uid]), _text(record[src.text_a]), questions, options,
+                                          answers, where, policy))
+
+
+_TFDS_LAYOUTS = {"columns": _tfds_columns, "race": _tfds_race}
+
+
+def read_tfds(spec: tasks.TaskSpec, split: str, data_dir: str | None = None, on_error: str = "raise") -> ReadResult:
+    """The examples of `split` from TFDS (`tfds.load` + `tfds.as_numpy`), as the same `Example` records."""
+    import tensorflow_datasets as tfds  # deferred: importing TensorFlow costs seconds the local path never needs
+
+    src = spec.tfds
+    if split not in src.splits:
+        raise DataError(f"task {spec.name!r} has no TFDS split {split!r}; TFDS splits: {sorted(src.splits)}")
+    result = ReadResult([])
+    policy = _Policy(on_error, result)
+    for name in src.names:
+        dataset = tfds.load(name, split=src.splits[split], data_dir=data_dir)
+        for index, record in enumerate(tfds.as_numpy(dataset)):
+            _TFDS_LAYOUTS[src.layout](record, src, spec, index, f"{name}[{src.splits[split]}] #{index}", policy,
+                                      result)
+    return _logged(result, f"{spec.name} TFDS {split}")
+
+
+def read_task(spec: tasks.TaskSpec, split: str, source: str = "local", *, data_root: str | None = None,
+              data_dir: str | None = None, on_error: str = "raise") -> ReadResult:
+    """Dispatch on `source` ("local" files under the data root, or "tfds" under `data_dir`)."""
+    readers = {"local": lambda: read_local(spec, split, data_root, on_error),
+               "tfds": lambda: read_tfds(spec, split, data_dir, on_error)}
+    if source not in readers:
+        raise ValueError(f"source must be one of {sorted(readers)}, got {source!r}")
+    return readers[source]()
+
+
+def _logged(result: ReadResult, what: str) -> ReadResult:
+    if result.skipped or result.repaired:
+        logging.warning("%s: skipped %d malformed rows, replaced bad bytes in %d; first: %s", what,
+                        result.skipped, result.repaired, result.problems[0])
+    if result.dropped:
+        logging.info("%s: dropped %d rows without a gold label", what, result.dropped)
+    return result
