@@ -1,0 +1,264 @@
+"""Text sources for LM pre-training: one spec string, one iterable of documents.
+
+GPT-1 was pre-trained on BooksCorpus (Sec. 4.1), which is not distributable; this module lets a
+config point ``data.source`` at any comparable corpus instead:
+
+``tfds:<name>[:<version>][:<split>][?feature=<feature>]``
+    Any TFDS dataset with a text feature, e.g. ``tfds:pg19``, ``tfds:wikipedia/20230601.en``,
+    ``tfds:c4/en:3.0.1:train``, ``tfds:tiny_shakespeare:train``, ``tfds:pg19?feature=book_text``.
+    The split defaults to ``train`` and may use TFDS slicing (``train[:10%]``). The feature
+    defaults to the dataset's only ``Text`` feature, or to the one named ``text`` when there are
+    several (wikipedia, c4). ``data_dir`` (e.g. a ``gs://`` bucket of prepared datasets) is passed
+    to ``tfds.builder``.
+``files:<glob>`` or a plain path/glob
+    Local UTF-8 text files, one document per file.
+``local:<relative glob>``
+    A glob relative to ``$GPT1_JAX_DATA`` (a folder laid out like ``shared/data``), e.g.
+    ``local:corpus/gutenberg/*.txt``.
+
+Every document goes through :func:`clean_text`: BOM removal, CRLF -> LF, Project Gutenberg
+header/footer stripping and invalid UTF-8 replaced (counted and logged), so that the licence
+boilerplate of every book does not become the most frequent "text" the model learns.
+
+Each process reads only its own share (files ``[process_index::process_count]`` of the sorted
+list, or ``tfds.split_for_jax_process``), so a multi-host run tokenizes every document once.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import urllib.parse
+from collections.abc import Iterator
+from typing import Protocol
+
+import jax
+
+DATA_ENV = "GPT1_JAX_DATA"
+# Bump when clean_text changes what it produces, so token caches built from the old text are rebuilt.
+CLEANING_VERSION = 1
+
+_BOM = "\ufeff"
+_REPLACEMENT_UTF8 = "\ufffd".encode()
+# "*** START OF THIS PROJECT GUTENBERG EBOOK ... ***", "***START OF THE PROJECT ...***",
+# indented "   *** END OF ...". "*** START: FULL LICENSE ***" (after the END marker) does not match.
+_START_MARKER = re.compile(r"^[ \t]*\*{3}[ \t]*START OF\b.*$", re.MULTILINE | re.IGNORECASE)
+_END_MARKER = re.compile(r"^[ \t]*\*{3}[ \t]*END OF\b.*$", re.MULTILINE | re.IGNORECASE)
+_TFDS_SPEC = re.compile(
+    r"^(?P<name>[^:?]+(?::\d+\.\d+\.\d+)?)(?::(?P<split>[^?]+))?(?:\?(?P<query>.*))?$"
+)
+
+log = logging.getLogger(__name__)
+
+
+class TextSource(Protocol):
+    """What the token cache needs from a corpus."""
+
+    @property
+    def identity(self) -> str:
+        """Stable string naming exactly the text this process reads (cache-invalidation key)."""
+
+    @property
+    def num_documents(self) -> int | None:
+        """Document count for progress bars, when known without reading the data."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+
+def resolve_data_path(relative: str) -> str:
+    """Maps ``corpus/gutenberg/*.txt`` to ``$GPT1_JAX_DATA/corpus/gutenberg/*.txt``.
+
+    One environment variable names the local data root, so configs stay machine-independent.
+    """
+    root = os.environ.get(DATA_ENV)
+    if not root:
+        raise ValueError(
+            f"data.source {'local:' + relative!r} is relative to the data root, but the environment "
+            f"variable {DATA_ENV} is not set; export {DATA_ENV}=/path/to/data (a folder with "
+            "corpus/, gpt1_vocab/, ...) or use files:<absolute glob>."
+        )
+    return os.path.join(root, relative)
+
+
+def strip_gutenberg(text: str) -> str:
+    """Keeps only the book between the ``*** START OF`` and ``*** END OF`` marker lines.
+
+    Text without a START marker is returned unchanged; a missing END marker keeps the rest.
+    """
+    start = _START_MARKER.search(text)
+    if start is None:
+        return text
+    end = _END_MARKER.search(text, start.end())
+    return text[start.end() : end.start() if end else len(text)].strip("\n")
+
+
+def clean_text(raw: bytes | str, *, name: str = "<document>") -> str:
+    """Decodes UTF-8 (invalid bytes -> U+FFFD, logged), drops a BOM, normalises CRLF, strips Gutenberg."""
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+            replaced = text.count("\ufffd") - raw.count(_REPLACEMENT_UTF8)
+            log.warning("%s: replaced %d invalid UTF-8 byte sequence(s) with U+FFFD", name, replaced)
+    else:
+        text = raw
+    text = text.removeprefix(_BOM).replace("\r\n", "\n").replace("\r", "\n")
+    return strip_gutenberg(text)
+
+
+def _process_share(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} is not in [0, process_count={count})")
+    return index, count
+
+
+class FileSource:
+    """Local text files matching a glob, one document per file, this process's share only."""
+
+    def __init__(
+        self,
+        pattern: str,
+        *,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        self.pattern = os.path.expanduser(pattern)
+        self.process_index, self.process_count = _process_share(process_index, process_count)
+        all_files = sorted(glob.glob(self.pattern, recursive=True))
+        all_files = [f for f in all_files if os.path.isfile(f)]
+        if not all_files:
+            raise ValueError(f"data.source: no files match {self.pattern!r}.")
+        if len(all_files) < self.process_count:
+            raise ValueError(
+                f"data.source {self.pattern!r} matches {len(all_files)} file(s) but there are "
+                f"{self.process_count} processes; each process reads whole files, so split the "
+                "corpus into at least as many files as processes."
+            )
+        # Strided rather than contiguous: neighbouring (similar-sized) files spread over processes.
+        self.files = all_files[self.process_index :: self.process_count]
+
+    @property
+    def identity(self) -> str:
+        stats = [(f, st.st_size, st.st_mtime_ns) for f, st in ((f, os.stat(f)) for f in self.files)]
+        return (
+            f"files:{self.pattern}|clean=v{CLEANING_VERSION}"
+            f"|process={self.process_index}/{self.process_count}|{stats}"
+        )
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[str]:
+        for path in self.files:
+            with open(path, "rb") as f:
+                yield clean_text(f.read(), name=path)
+
+
+class TfdsSource:
+    """One text feature of a TFDS split, this process's share via ``tfds.split_for_jax_process``."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        split: str = "train",
+        feature: str | None = None,
+        data_dir: str | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        import tensorflow_datasets as tfds  # TensorFlow is heavy; only TFDS sources pay for it.
+
+        self.split, self.data_dir = split, data_dir
+        self.process_index, self.process_count = _process_share(process_index, process_count)
+        try:
+            # Reads only code and dataset_info.json; nothing is downloaded or prepared here.
+            self._builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError as e:
+            raise ValueError(
+                f"data.source: TFDS has no dataset {name!r} (spec 'tfds:{name}'); check the name at "
+                "https://www.tensorflow.org/datasets/catalog/overview."
+            ) from e
+        self.feature = feature or self._default_feature()
+        if self.feature not in self._builder.info.features:
+            raise ValueError(
+                f"data.source: {self._builder.info.full_name} has no feature {self.feature!r}; "
+                f"features are {sorted(self._builder.info.features)}."
+            )
+
+    def _default_feature(self) -> str:
+        import tensorflow_datasets as tfds
+
+        features = self._builder.info.features
+        texts = [k for k, v in features.items() if isinstance(v, tfds.features.Text)]
+        if len(texts) == 1:
+            return texts[0]
+        if "text" in texts:
+            return "text"
+        raise ValueError(
+            f"data.source: cannot pick the text feature of {self._builder.info.full_name} "
+            f"(Text features: {texts or 'none'}); name one, e.g. 'tfds:<name>?feature=<feature>'."
+        )
+
+    @property
+    def identity(self) -> str:
+        return (
+            f"tfds:{self._builder.info.full_name}:{self.split}?feature={self.feature}"
+            f"|data_dir={self.data_dir}|clean=v{CLEANING_VERSION}"
+            f"|process={self.process_index}/{self.process_count}"
+        )
+
+    def _dataset(self):
+        import tensorflow_datasets as tfds
+
+        self._builder.download_and_prepare()
+        split = tfds.split_for_jax_process(
+            self.split, process_index=self.process_index, process_count=self.process_count
+        )
+        dataset = self._builder.as_dataset(split=split, shuffle_files=False)
+        return dataset.map(lambda example: example[self.feature])
+
+    @property
+    def num_documents(self) -> int | None:
+        cardinality = int(self._dataset().cardinality())
+        return cardinality if cardinality >= 0 else None
+
+    def __iter__(self) -> Iterator[str]:
+        for i, raw in enumerate(self._dataset().as_numpy_iterator()):
+            yield clean_text(raw, name=f"{self._builder.info.full_name}[{i}]")
+
+
+def make_source(
+    spec: str,
+    *,
+    data_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> FileSource | TfdsSource:
+    """Builds the source named by ``data.source`` (syntax in the module docstring).
+
+    ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``.
+    """
+    share = dict(process_index=process_index, process_count=process_count)
+    if not spec:
+        raise ValueError("data.source is empty; set it to e.g. 'local:corpus/gutenberg/*.txt'.")
+    if spec.startswith("tfds:"):
+        match = _TFDS_SPEC.match(spec.removeprefix("tfds:"))
+        if match is None:
+            raise ValueError(f"data.source {spec!r}: expected tfds:<name>[:<split>][?feature=<f>].")
+        query = urllib.parse.parse_qs(match["query"] or "", strict_parsing=bool(match["query"]))
+        if set(query) - {"feature"}:
+            raise ValueError(f"data.source {spec!r}: the only option is ?feature=<name>.")
+        feature = query["feature"][0] if "feature" in query else None
+        split = match["split"] or "train"
+        return TfdsSource(match["name"], split=split, feature=feature, data_dir=data_dir, **share)
+    if spec.startswith("local:"):
+        return FileSource(resolve_data_path(spec.removeprefix("local:")), **share)
+    return FileSource(spec.removeprefix("files:"), **share)
+
