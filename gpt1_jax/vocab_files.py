@@ -1,0 +1,112 @@
+"""Finding (and, if allowed, fetching) the two GPT-1 vocabulary files.
+
+The released model (openai/finetune-transformer-lm) ships its BPE vocabulary as two files next to the
+weights. They are data, not code, so they are never committed here; this module looks for them in a fixed
+order so that tests, training jobs and notebooks all agree on which copy they use:
+
+1. an explicit folder passed by the caller,
+2. ``$GPT1_JAX_VOCAB`` (a folder holding the two files),
+3. ``$GPT1_JAX_DATA/gpt1_vocab`` (the project's local data root, laid out like ``shared/data``),
+4. the user cache, ``$XDG_CACHE_HOME/gpt1_jax/vocab`` or ``~/.cache/gpt1_jax/vocab``.
+
+Only when none of these holds both files, and the caller allows it, are they downloaded into the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import urllib.request
+from pathlib import Path
+
+ENCODER_FILE = "encoder_bpe_40000.json"
+MERGES_FILE = "vocab_40000.bpe"
+VOCAB_FILES = (ENCODER_FILE, MERGES_FILE)
+
+# The files as released with the paper's code (MIT licence); master has not changed them since 2018.
+SOURCE_URL = "https://raw.githubusercontent.com/openai/finetune-transformer-lm/master/model/"
+
+VOCAB_ENV = "GPT1_JAX_VOCAB"
+DATA_ENV = "GPT1_JAX_DATA"
+
+
+class VocabFilesNotFoundError(FileNotFoundError):
+    """Raised when the vocabulary is neither on disk nor downloadable; the message says how to fix it."""
+
+
+def cache_dir() -> Path:
+    """The per-user folder where downloaded vocabulary files are kept."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gpt1_jax" / "vocab"
+
+
+def candidate_dirs(vocab_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for the vocabulary, in priority order (see the module docstring)."""
+    dirs = []
+    if vocab_dir is not None:
+        dirs.append(Path(vocab_dir))
+    if os.environ.get(VOCAB_ENV):
+        dirs.append(Path(os.environ[VOCAB_ENV]))
+    if os.environ.get(DATA_ENV):
+        dirs.append(Path(os.environ[DATA_ENV]) / "gpt1_vocab")
+    dirs.append(cache_dir())
+    return dirs
+
+
+def _has_files(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in VOCAB_FILES)
+
+
+def _missing_message(searched: list[Path], reason: str) -> str:
+    where = "\n".join(f"  - {d}" for d in searched)
+    return (
+        f"GPT-1 vocabulary files not found ({reason}).\n"
+        f"Needed: {ENCODER_FILE} and {MERGES_FILE} (from {SOURCE_URL}).\n"
+        f"Searched:\n{where}\n"
+        f"Fix: put both files in one folder and pass it as vocab_dir, or set ${VOCAB_ENV} to that folder, "
+        f"or set ${DATA_ENV} to a data root containing gpt1_vocab/, or copy them into {cache_dir()}."
+    )
+
+
+def download(dest: str | os.PathLike | None = None, *, timeout: float = 30.0) -> Path:
+    """Fetches both files into ``dest`` (default: the cache) and returns that folder.
+
+    Each file is written to a temporary name in the destination folder and renamed into place, so a
+    crash or a concurrent download never leaves a truncated file that later looks valid.
+    """
+    folder = Path(dest) if dest is not None else cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in VOCAB_FILES:
+        if (folder / name).is_file():
+            continue
+        with urllib.request.urlopen(SOURCE_URL + name, timeout=timeout) as response:
+            payload = response.read()
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+            os.replace(tmp, folder / name)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    return folder
+
+
+def find_vocab_dir(vocab_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> Path:
+    """Returns the first folder holding both vocabulary files, downloading them to the cache if needed.
+
+    An explicit ``vocab_dir`` that lacks the files is an error rather than a silent fall-through, since the
+    caller asked for that copy.
+    """
+    if vocab_dir is not None and not _has_files(Path(vocab_dir)):
+        raise VocabFilesNotFoundError(_missing_message([Path(vocab_dir)], "explicit vocab_dir lacks them"))
+    searched = candidate_dirs(vocab_dir)
+    for folder in searched:
+        if _has_files(folder):
+            return folder
+    if not allow_download:
+        raise VocabFilesNotFoundError(_missing_message(searched, "download disabled"))
+    try:
+        return download()
+    except OSError as err:  # urllib's URLError and socket timeouts are OSErrors.
+        raise VocabFilesNotFoundError(_missing_message(searched, f"download failed: {err}")) from err
