@@ -85,10 +85,74 @@ def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tu
         if step is None:
             raise CheckpointError(f"{directory}: no complete checkpoint found (config key: init).")
         restored = manager.restore(step, args=ocp.args.Composite(
-            metadata=ocp.args.JsonRestore(), params=ocp.args.StandardRestore()))
+            metadata=ocp.args.JsonRestore(), params=ocp.args.StandardRestore(_host_target(directory / str(step)))))
     metadata = restored.metadata
     if "model_config" not in metadata:
         raise CheckpointError(f"{directory}/{step}: metadata has no model_config; not a gpt1_jax checkpoint.")
     config = GPT1Config.from_dict(metadata["model_config"])
     params = jax.tree.map(np.asarray, restored.params)
     return config, params, metadata
+
+
+def _host_target(step_dir: pathlib.Path):
+    """Abstract `params` on this host's first device, whatever mesh the checkpoint was saved from."""
+    tree = ocp.StandardCheckpointer().metadata(step_dir / "params").item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+
+
+class TrainCheckpointer:
+    """Periodic asynchronous saves of the training state; restore of the latest usable step.
+
+    Parameters and the rest of the training state (optimizer state, counters) are separate items,
+    so fine-tuning reads `params` alone. The abstract trees given to `restore_latest` carry the
+    target shardings, so a checkpoint saved on one mesh restores onto another.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        try:
+            self._manager = _manager(self.directory, max_to_keep=keep, async_save=async_save)
+        except OSError as err:
+            raise CheckpointError(f"Cannot create the checkpoint directory {self.directory}: {err}") from err
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, params, train_state, metadata: dict[str, Any]) -> None:
+        """Start writing `step`; Orbax commits it by an atomic rename when complete."""
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
+                metadata=ocp.args.JsonSave(metadata)), force=True)
+        except OSError as err:
+            raise CheckpointError(f"Writing checkpoint step {step} to {self.directory} failed: {err}. "
+                                  "Earlier checkpoints are untouched.") from err
+
+    def restore_latest(self, abstract_params, abstract_train_state):
+        """(step, params, train_state) of the newest step that restores cleanly, or Nones for a fresh run.
+
+        A step whose files are truncated or missing is skipped with a warning and the previous
+        one is tried, so a crash during a save never strands the run.
+        """
+        for step in reversed(self.steps()):
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_params),
+                    train_state=ocp.args.StandardRestore(abstract_train_state)))
+                return step, restored.params, restored.train_state
+            except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the previous one
+                log.warning("Checkpoint step %d in %s is unusable (%s: %s); trying the previous one.",
+                            step, self.directory, type(err).__name__, err)
+        return None, None, None
+
+    def wait(self) -> None:
+        try:
+            self._manager.wait_until_finished()
+        except OSError as err:
+            raise CheckpointError(f"Writing a checkpoint to {self.directory} failed: {err}. "
+                                  "Earlier checkpoints are untouched.") from err
+
+    def close(self) -> None:
+        self.wait()
+        self._manager.close()

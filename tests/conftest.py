@@ -2,10 +2,18 @@
 
 import os
 import pathlib
+import tempfile
 
 import pytest
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
+# Configs read the data root when they are built; default it as the README's test command does.
+os.environ.setdefault("GPT1_JAX_DATA", str(_REPO.parent / "shared" / "data"))
+# Many tests compile the same tiny train step, in this process and in train.py subprocesses: a
+# persistent compilation cache (read by JAX from these variables at import) compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gpt1_jax_test_jit_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +22,9 @@ def data_root() -> pathlib.Path:
     if not root.is_dir():
         pytest.skip(f"no data folder at {root}; set GPT1_JAX_DATA")
     return root
+
+
+@pytest.fixture(scope="session")
+def token_cache_dir(tmp_path_factory) -> pathlib.Path:
+    """One token cache for the whole session, so each corpus is tokenized once."""
+    return tmp_path_factory.mktemp("token_cache")

@@ -1,0 +1,45 @@
+"""Defaults shared by every recipe: the run, data, optimizer, checkpoint and mesh sections."""
+
+import os
+
+from ml_collections import ConfigDict
+
+# A local data root laid out like the project's shared/data; without it, TFDS names are used.
+DATA_ROOT_ENV = "GPT1_JAX_DATA"
+
+
+def has_local_data() -> bool:
+    return bool(os.environ.get(DATA_ROOT_ENV))
+
+
+def model_section(**overrides) -> ConfigDict:
+    """GPT1Config's fields; the defaults are the paper's 12 x 768 model."""
+    model = ConfigDict(dict(
+        vocab_size=40478, n_special=0, n_ctx=512, width=768, n_head=12, n_layer=12, mlp_width=3072,
+        embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1, embd_dropout_site="table", dtype="float32",
+        vocab_pad_multiple=128, scan_layers=True, remat="none", attention="auto"))
+    model.update(overrides)
+    return model
+
+
+def base_config() -> ConfigDict:
+    config = ConfigDict()
+    config.mode = "pretrain"
+    config.seed = 0
+    config.start_over = False
+    config.task = ""
+    config.init = ""
+    config.model = model_section()
+    config.data = ConfigDict(dict(
+        source="", tfds_data_dir="", vocab_dir="", cache_dir="", val_fraction=0.01, shard_by_process=True))
+    config.optimizer = ConfigDict(dict(
+        lr=2.5e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,
+        schedule="warmup_cosine", warmup_steps=2000, warmup_fraction=0.002))
+    config.train = ConfigDict(dict(
+        batch_size=64, grad_accum_steps=1, num_steps=1000, log_every=50, eval_every=1000, eval_batch_size=64,
+        eval_batches=0, loss_chunk=0, nonfinite="stop", peak_flops=0.0,
+        # Save and exit after this step (0: never), for time-sliced jobs; rerun without it to continue.
+        stop_at=0))
+    config.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))
+    config.mesh = ConfigDict(dict(fsdp=1))
+    return config

@@ -1,0 +1,85 @@
+"""The pre-training input pipeline of a run: source -> token cache -> train windows + validation.
+
+With `data.shard_by_process` (the default) each process reads and caches only its share of the
+source and draws its rows of every batch from it. With it off, every process reads the whole
+source and takes its slice of one global batch, so a run gives the same batches whatever the
+number of processes (what the multi-process tests compare against one process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from gpt1_jax.data import lm_batches, text_sources, token_cache
+from gpt1_jax.tokenizer import GPT1Tokenizer
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gpt1_jax", "token_cache")
+
+
+@dataclasses.dataclass
+class LMData:
+    sampler: lm_batches.WindowSampler
+    validation: list[lm_batches.ValidationBatch]
+    tokenizer_identity: str
+    unigram_perplexity: float
+    rows: slice  # this process's rows of the sampler's batch
+
+    @classmethod
+    def build(cls, config: ConfigDict) -> "LMData":
+        n_ctx = config.model.n_ctx
+        processes, index = jax.process_count(), jax.process_index()
+        shard = config.data.shard_by_process
+        source = text_sources.make_source(
+            config.data.source, data_dir=config.data.tfds_data_dir or None,
+            process_index=index if shard else 0, process_count=processes if shard else 1)
+        tokenizer = GPT1Tokenizer.from_files(config.data.vocab_dir or None)
+        cache = token_cache.TokenCache.load_or_build(source, tokenizer, config.data.cache_dir or default_cache_dir())
+        train_tokens, val_tokens = cache.split(config.data.val_fraction)
+        local_batch = config.train.batch_size // processes
+        eval_local = config.train.eval_batch_size // processes
+        if shard:
+            sampler = lm_batches.WindowSampler(train_tokens, n_ctx, local_batch, config.seed, process_index=index)
+            rows = slice(0, local_batch)
+            validation = lm_batches.validation_batches(val_tokens, n_ctx=n_ctx, batch_size=eval_local,
+                                                       num_batches=config.train.eval_batches or None)
+        else:
+            sampler = lm_batches.WindowSampler(train_tokens, n_ctx, config.train.batch_size, config.seed)
+            rows = slice(index * local_batch, (index + 1) * local_batch)
+            full = lm_batches.validation_batches(val_tokens, n_ctx=n_ctx, batch_size=config.train.eval_batch_size,
+                                                 num_batches=config.train.eval_batches or None)
+            eval_rows = slice(index * eval_local, (index + 1) * eval_local)
+            validation = [lm_batches.ValidationBatch(b.tokens[eval_rows], b.weights[eval_rows]) for b in full]
+        return cls(sampler=sampler, validation=validation, tokenizer_identity=tokenizer.fingerprint,
+                   unigram_perplexity=unigram_perplexity(train_tokens, validation, config.model.vocab_size), rows=rows)
+
+    @contextlib.contextmanager
+    def batches(self, start: int, end: int):
+        """(step, this process's int32 [rows, n_ctx + 1]) for steps in [start, end), prefetched."""
+        rows = self.rows
+        with lm_batches.Prefetcher(lambda step: self.sampler.batch(step)[rows], start, end) as prefetched:
+            yield prefetched
+
+
+def unigram_perplexity(train_tokens: np.ndarray, validation: list[lm_batches.ValidationBatch], vocab: int) -> float:
+    """Perplexity of add-one-smoothed training unigram frequencies on the validation targets.
+
+    The floor a language model must beat to have learnt anything beyond word frequencies.
+    """
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    total, n = 0.0, 0.0
+    for batch in validation:
+        targets = batch.tokens[:, 1:]  # [batch, n_ctx]
+        total -= float((log_probs[targets] * batch.weights[:, None]).sum())
+        n += float(batch.weights.sum()) * targets.shape[1]
+    return math.exp(total / n) if n else math.nan

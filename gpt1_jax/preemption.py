@@ -1,0 +1,36 @@
+"""SIGTERM (the preemption notice of TPU VMs and most schedulers) and SIGINT as a stop request.
+
+The handler only sets a flag: the loop finishes the step in flight, writes a checkpoint and
+returns, so the next start in the same workdir resumes. A second SIGINT restores Python's
+default behaviour (KeyboardInterrupt) for a user who really wants out.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class StopRequest:
+    """Context manager that turns SIGTERM / SIGINT into `requested == True`."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

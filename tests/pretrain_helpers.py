@@ -1,0 +1,87 @@
+"""Small pre-training runs shared by the training, sharding and reliability tests."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from configs import tiny_pretrain
+from gpt1_jax import checkpoint
+from gpt1_jax.run_log import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ALICE = "local:corpus/gutenberg/11-0.txt"
+
+
+def tiny_config(cache_dir, **overrides) -> ConfigDict:
+    """The tiny recipe on one small book, every key overridable as 'section.key': value."""
+    config = tiny_pretrain.get_config()
+    config.data.source = ALICE
+    config.data.cache_dir = str(cache_dir)
+    config.model.n_ctx = 32
+    config.train.batch_size = 8
+    config.train.eval_batch_size = 8
+    config.train.eval_batches = 2
+    config.train.num_steps = 6
+    config.train.log_every = 1
+    config.train.eval_every = 0
+    config.checkpoint.every = 3
+    config.checkpoint.async_save = False
+    for key, value in overrides.items():
+        section, name = key.split(".") if "." in key else (None, key)
+        if section:
+            config[section][name] = value
+        else:
+            config[name] = value
+    return config
+
+
+def as_flags(config: ConfigDict) -> list[str]:
+    """The config as --config.x=value flags for train.py (the recipe file plus overrides)."""
+    flags = []
+    for section, values in config.items():
+        if isinstance(values, ConfigDict):
+            flags += [f"--config.{section}.{k}={v}" for k, v in values.items()]
+        else:
+            flags.append(f"--config.{section}={values}")
+    return flags
+
+
+def run_train_py(config: ConfigDict, workdir, *, devices: int = 1, env: dict | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """python train.py in a fresh process, optionally with N simulated CPU devices."""
+    full_env = {**os.environ, **(env or {})}
+    if devices > 1:
+        full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_pretrain.py"),
+           "--workdir", str(workdir), *as_flags(config)]
+    result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def losses(workdir) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+def final_params(workdir) -> dict:
+    _, params, _ = checkpoint.load_pretrained(pathlib.Path(workdir) / "checkpoints")
+    return params
+
+
+def assert_trees_equal(a, b, *, atol: float = 0.0) -> None:
+    import jax
+
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        if atol == 0.0:
+            np.testing.assert_array_equal(x, y)
+        else:
+            np.testing.assert_allclose(x, y, atol=atol, rtol=0)

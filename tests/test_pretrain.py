@@ -1,0 +1,135 @@
+"""Generative pre-training end to end on real books: learning, exact resume, schedule, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from configs import tiny_pretrain
+from gpt1_jax import optim, train_lib
+from gpt1_jax.config_check import ConfigError
+from gpt1_jax.run_log import read_metrics
+from pretrain_helpers import assert_trees_equal, final_params, losses, tiny_config
+
+
+@pytest.mark.slow
+def test_tiny_config_learns_far_below_the_unigram_baseline(tmp_path, token_cache_dir):
+    config = tiny_pretrain.get_config()
+    config.data.cache_dir = str(token_cache_dir)
+    config.train.num_steps = 200
+    config.train.eval_every = 200
+    config.checkpoint.async_save = False
+    final = train_lib.pretrain(config, str(tmp_path))
+    metrics = read_metrics(tmp_path)
+    baseline = train_lib_unigram(config)
+    print(f"\nunigram perplexity {baseline:.1f}, validation perplexity after 200 steps {final['val_perplexity']:.1f}")
+    assert final["val_perplexity"] < 0.6 * baseline
+    first, last = metrics[0]["loss"], final["loss"]
+    assert last < first - 2.0
+    assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
+    assert {"loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(metrics[0])
+
+
+def train_lib_unigram(config: ConfigDict) -> float:
+    from gpt1_jax.data.lm_pipeline import LMData
+
+    return LMData.build(config).unigram_perplexity
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, token_cache_dir):
+    straight = tmp_path / "straight"
+    train_lib.pretrain(tiny_config(token_cache_dir), str(straight))
+    resumed = tmp_path / "resumed"
+    first_half = train_lib.pretrain(tiny_config(token_cache_dir, **{"train.stop_at": 3}), str(resumed))
+    assert first_half["loss"] == losses(straight)[3]
+    train_lib.pretrain(tiny_config(token_cache_dir), str(resumed))
+    assert losses(resumed) == losses(straight)
+    assert_trees_equal(final_params(resumed), final_params(straight))
+
+
+def test_learning_rate_schedule_follows_the_papers_formula():
+    opt = ConfigDict(dict(lr=2.5e-4, schedule="warmup_cosine", warmup_steps=2000, warmup_fraction=0.0))
+    total = 100_000
+    schedule = optim.learning_rate_schedule(opt, total)
+
+    def formula(step):
+        if step < 2000:
+            return 2.5e-4 * step / 2000
+        progress = (step - 2000) / (total - 2000)
+        return 2.5e-4 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    for step in (0, 1000, 2000, 51_000, total):
+        assert float(schedule(step)) == pytest.approx(formula(step), rel=1e-5, abs=1e-12)
+    assert float(schedule(total)) == 0.0
+
+
+def test_finetuning_schedule_is_the_released_warmup_linear():
+    opt = ConfigDict(dict(lr=6.25e-5, schedule="warmup_linear", warmup_steps=0, warmup_fraction=0.002))
+    schedule = optim.learning_rate_schedule(opt, 10_000)
+    assert float(schedule(10)) == pytest.approx(6.25e-5 * 0.001 / 0.002)
+    assert float(schedule(5000)) == pytest.approx(6.25e-5 * 0.5)
+    assert float(schedule(10_000)) == 0.0
+
+
+def test_weight_decay_skips_biases_and_gains_but_not_matrices():
+    config = tiny_pretrain.get_config()
+    config.optimizer.grad_clip_norm = 0.0
+    config.optimizer.schedule = "constant"
+    params = train_lib.initial_params(train_lib.config_check.model_config(config), 0)
+    optimizer = optim.make_optimizer(config.optimizer, 10, params)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+    new = optax.apply_updates(params, updates)
+    blocks = new["blocks"]
+    np.testing.assert_array_equal(blocks["ln_1"]["scale"], params["blocks"]["ln_1"]["scale"])
+    np.testing.assert_array_equal(blocks["attn"]["qkv"]["bias"], params["blocks"]["attn"]["qkv"]["bias"])
+    shrink = 1 - config.optimizer.lr * config.optimizer.weight_decay
+    np.testing.assert_allclose(blocks["mlp"]["fc"]["kernel"], params["blocks"]["mlp"]["fc"]["kernel"] * shrink, rtol=1e-6)
+    np.testing.assert_allclose(new["tokens_embed"], params["tokens_embed"] * shrink, rtol=1e-6)
+
+
+def test_gradient_accumulation_gives_the_same_update(tmp_path, token_cache_dir):
+    no_dropout = {"model.embd_dropout": 0.0, "model.attn_dropout": 0.0, "model.resid_dropout": 0.0,
+                  "train.num_steps": 2, "checkpoint.every": 2}
+    train_lib.pretrain(tiny_config(token_cache_dir, **no_dropout), str(tmp_path / "one"))
+    train_lib.pretrain(tiny_config(token_cache_dir, **no_dropout, **{"train.grad_accum_steps": 4}), str(tmp_path / "four"))
+    for step, loss in losses(tmp_path / "one").items():
+        assert losses(tmp_path / "four")[step] == pytest.approx(loss, rel=1e-5)
+    assert_trees_equal(final_params(tmp_path / "one"), final_params(tmp_path / "four"), atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"data.source": "tfds:no_such_dataset_xyz"}, "data.source"),
+    ({"train.grad_accum_steps": 3}, "train.batch_size"),
+    ({"model.n_head": 3}, "model.width"),
+    ({"train.nonfinite": "ignore"}, "train.nonfinite"),
+    ({"model.n_ctx": 100_000}, "model.n_ctx"),
+])
+def test_bad_configs_fail_before_compiling_and_name_the_key(tmp_path, token_cache_dir, overrides, key):
+    with pytest.raises((ValueError, ConfigError), match=key.replace(".", r"\.")):
+        train_lib.pretrain(tiny_config(token_cache_dir, **overrides), str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_empty_and_too_short_corpora_are_refused(tmp_path, token_cache_dir):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("Just a few words of text.")
+    with pytest.raises(ValueError, match="data.source"):
+        train_lib.pretrain(tiny_config(token_cache_dir, **{"data.source": str(tmp_path / "empty.txt")}), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"model\.n_ctx"):
+        train_lib.pretrain(tiny_config(token_cache_dir, **{"data.source": str(tmp_path / "short.txt")}), str(tmp_path / "b"))
+
+
+def test_a_workdir_of_another_run_is_refused_unless_starting_over(tmp_path, token_cache_dir):
+    train_lib.pretrain(tiny_config(token_cache_dir, **{"train.num_steps": 1, "checkpoint.every": 1}), str(tmp_path))
+    other = tiny_config(token_cache_dir, **{"train.num_steps": 1, "checkpoint.every": 1, "seed": 7})
+    with pytest.raises(ConfigError, match="seed.*start_over"):
+        train_lib.pretrain(other, str(tmp_path))
+    other.start_over = True
+    train_lib.pretrain(other, str(tmp_path))
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("previous-")]
+    assert len(kept) == 1 and (kept[0] / "checkpoints").is_dir()
