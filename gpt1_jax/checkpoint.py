@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from gpt1_jax.model import GPT1, GPT1Config
 
@@ -113,8 +115,10 @@ class TrainCheckpointer:
         self.directory = pathlib.Path(directory).absolute()
         try:
             self._manager = _manager(self.directory, max_to_keep=keep, async_save=async_save)
-        except OSError as err:
-            raise CheckpointError(f"Cannot create the checkpoint directory {self.directory}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - Orbax wraps OS errors in its own types
+            raise CheckpointError(f"Cannot create or open the checkpoint directory {self.directory}: {err}") from err
+        for partial in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
+            log.warning("Ignoring %s: an incomplete save (the process died while writing it).", partial)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -125,15 +129,16 @@ class TrainCheckpointer:
             self._manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
                 metadata=ocp.args.JsonSave(metadata)), force=True)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - Orbax wraps OS errors in its own types
             raise CheckpointError(f"Writing checkpoint step {step} to {self.directory} failed: {err}. "
-                                  "Earlier checkpoints are untouched.") from err
+                                  "Earlier checkpoints are untouched; free space or fix permissions and rerun.") from err
 
     def restore_latest(self, abstract_params, abstract_train_state):
         """(step, params, train_state) of the newest step that restores cleanly, or Nones for a fresh run.
 
-        A step whose files are truncated or missing is skipped with a warning and the previous
-        one is tried, so a crash during a save never strands the run.
+        A step whose files are truncated or missing is renamed to `<step>.unusable-<time>` (kept
+        for inspection, never loaded again) with a warning, and the previous one is tried, so a
+        damaged checkpoint never strands the run.
         """
         for step in reversed(self.steps()):
             try:
@@ -144,14 +149,30 @@ class TrainCheckpointer:
             except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the previous one
                 log.warning("Checkpoint step %d in %s is unusable (%s: %s); trying the previous one.",
                             step, self.directory, type(err).__name__, err)
+                self._set_aside(step)
         return None, None, None
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process at the same step once any of them got a preemption notice.
+
+        Multi-process runs rely on JAX's coordination service (which receives the SIGTERM) so that
+        all processes stop at the same step and write one checkpoint together.
+        """
+        return self._manager.reached_preemption(step)
+
+    def _set_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(self.directory / f"{step}.unusable-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint step {step} set aside")
+        self._manager.reload()
 
     def wait(self) -> None:
         try:
             self._manager.wait_until_finished()
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - errors of the asynchronous save surface here
             raise CheckpointError(f"Writing a checkpoint to {self.directory} failed: {err}. "
-                                  "Earlier checkpoints are untouched.") from err
+                                  "Earlier checkpoints are untouched; free space or fix permissions and rerun.") from err
 
     def close(self) -> None:
         self.wait()

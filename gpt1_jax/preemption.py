@@ -10,11 +10,17 @@ from __future__ import annotations
 import signal
 import threading
 
+import jax
+
 
 class StopRequest:
     """Context manager that turns SIGTERM / SIGINT into `requested == True`."""
 
     def __init__(self):
+        # With several processes a signal reaches only some of them; they stop together through
+        # JAX's coordination service, whose own SIGTERM handler must stay in place
+        # (checkpoint.TrainCheckpointer.reached_preemption).
+        self.local = jax.process_count() == 1
         self.requested = False
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
@@ -22,11 +28,14 @@ class StopRequest:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str) -> None:
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = reason
 
     def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
+        if self.local and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self

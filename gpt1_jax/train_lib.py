@@ -264,6 +264,8 @@ def pretrain(config: ConfigDict, workdir: str) -> dict[str, float]:
                     run_log.write(done, val)
                     final.update(val)
                 pause = done == config.train.stop_at
+                if jax.process_count() > 1 and checkpointer.reached_preemption(done):
+                    stop.request("preemption notice")
                 if done % config.checkpoint.every == 0 or done == total_steps or stop.requested or pause:
                     check_finite(state, config, checkpointer)
                     checkpointer.save(done, state.params, state.rest(), metadata)

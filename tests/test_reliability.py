@@ -1,0 +1,136 @@
+"""Preemption, kills at any moment, damaged checkpoints, non-finite losses, failing disks."""
+
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gpt1_jax import checkpoint, train_lib
+from gpt1_jax.run_log import read_metrics
+from pretrain_helpers import REPO, as_flags, assert_trees_equal, final_params, losses, run_train_py, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def start_train_py(config, workdir) -> subprocess.Popen:
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_pretrain.py"),
+           "--workdir", str(workdir), *as_flags(config)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(workdir: pathlib.Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (workdir / "metrics.jsonl").exists() and any(m["step"] >= step for m in read_metrics(workdir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py ended early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def test_kill_9_at_three_random_points_then_resume_is_bitwise_equal(tmp_path, token_cache_dir):
+    config = tiny_config(token_cache_dir, **{"train.num_steps": 16, "checkpoint.every": 2, "checkpoint.async_save": True})
+    train_lib.pretrain(config, str(tmp_path / "straight"))
+    workdir = tmp_path / "killed"
+    rng = random.Random(1234)
+    for kill_after in sorted(rng.sample(range(2, 15), 3)):
+        proc = start_train_py(config, workdir)
+        wait_for_step(workdir, kill_after, proc)
+        time.sleep(rng.uniform(0.0, 0.3))  # anywhere in a step, possibly during an asynchronous save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    run_train_py(config, workdir)
+    assert_trees_equal(final_params(workdir), final_params(tmp_path / "straight"))
+    resumed_losses = {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+    assert resumed_losses == losses(tmp_path / "straight")
+
+
+def test_sigterm_saves_the_current_step_and_exits_0_within_seconds(tmp_path, token_cache_dir):
+    config = tiny_config(token_cache_dir, **{"train.num_steps": 10_000, "checkpoint.every": 10_000})
+    proc = start_train_py(config, tmp_path)
+    wait_for_step(tmp_path, 3, proc)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert time.time() - sent < 20
+    steps = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", keep=3).steps()
+    last_logged = max(m["step"] for m in read_metrics(tmp_path))
+    assert steps and steps[-1] >= last_logged and steps[-1] % 10_000 != 0
+    assert "SIGTERM: saved step" in output and "rerun the same command" in output
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, token_cache_dir, caplog, damage):
+    config = tiny_config(token_cache_dir)
+    train_lib.pretrain(config, str(tmp_path / "straight"))
+    workdir = tmp_path / "damaged"
+    train_lib.pretrain(config, str(workdir))
+    files = sorted(p for p in (workdir / "checkpoints" / "6" / "params").rglob("*") if p.is_file() and p.stat().st_size > 1000)
+    if damage == "truncate":
+        for f in files:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        shutil.rmtree(workdir / "checkpoints" / "6" / "params")
+    config.train.num_steps = 6
+    with caplog.at_level("WARNING"):
+        train_lib.pretrain(config, str(workdir))
+    assert "Checkpoint step 6" in caplog.text and "unusable" in caplog.text
+    assert any(p.name.startswith("6.unusable-") for p in (workdir / "checkpoints").iterdir())
+    assert_trees_equal(final_params(workdir), final_params(tmp_path / "straight"))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, token_cache_dir):
+    # A learning rate of 1e30 makes the second forward pass overflow.
+    config = tiny_config(token_cache_dir, **{"optimizer.lr": 1e30, "optimizer.warmup_steps": 0,
+                                             "optimizer.schedule": "constant", "checkpoint.every": 1})
+    with pytest.raises(train_lib.NonFiniteError, match=r"not finite at step \d+.*Last good checkpoint: step \d+"):
+        train_lib.pretrain(config, str(tmp_path))
+    _, params, _ = checkpoint.load_pretrained(tmp_path / "checkpoints")
+    import numpy as np
+    assert all(np.isfinite(leaf).all() for leaf in __import__("jax").tree.leaves(params))
+
+
+def test_skip_mode_counts_non_finite_steps_and_finishes(tmp_path, token_cache_dir):
+    config = tiny_config(token_cache_dir, **{"optimizer.lr": 1e30, "optimizer.warmup_steps": 0,
+                                             "optimizer.schedule": "constant", "train.nonfinite": "skip"})
+    final = train_lib.pretrain(config, str(tmp_path))
+    assert final["nonfinite_steps"] >= 1
+
+
+def _make_unwritable(path: pathlib.Path) -> bool:
+    if os.geteuid() == 0:
+        return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    path.chmod(0o555)
+    return True
+
+
+def _make_writable(path: pathlib.Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o755)
+
+
+def test_a_failing_disk_gives_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, token_cache_dir):
+    config = tiny_config(token_cache_dir, **{"train.stop_at": 3})
+    train_lib.pretrain(config, str(tmp_path))
+    ckpt_dir = tmp_path / "checkpoints"
+    if not _make_unwritable(ckpt_dir):
+        pytest.skip("cannot make a directory unwritable here (chattr unavailable)")
+    try:
+        config.train.stop_at = 0
+        with pytest.raises(checkpoint.CheckpointError, match="Earlier checkpoints are untouched"):
+            train_lib.pretrain(config, str(tmp_path))
+    finally:
+        _make_writable(ckpt_dir)
+    assert checkpoint.TrainCheckpointer(ckpt_dir, keep=3).steps() == [3]
+    step3 = checkpoint.load_pretrained(ckpt_dir)
+    assert step3[2]["kind"] == "pretrain"
