@@ -121,6 +121,21 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def table_dropout(rows, ids, rate: float, key):
+    """Dropout on the entries of an embedding table, applied to the rows looked up at `ids`.
+
+    The released code drops entries of the whole table and then looks tokens up, so a token repeated
+    in the batch keeps one mask. Drawing each row's mask from `key` folded with its id gives the same
+    distribution while drawing batch x seq rows instead of the 40k-row table (and keeps a 40k x 768
+    mask out of the backward pass). rows [..., width], ids [...] int.
+    """
+    if rate == 0.0:
+        return rows
+    keep = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate, rows.shape[-1:]))(
+        ids.reshape(-1)).reshape(rows.shape)
+    return jnp.where(keep, rows / (1.0 - rate), jnp.zeros_like(rows))
+
+
 def _normal(rngs: nnx.Rngs, shape) -> nnx.Param:
     return nnx.Param(INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32))
 
@@ -239,12 +254,13 @@ class GPT1(nnx.Module):
 
     def _embed(self, tokens, key):
         cfg = self.config
-        tok_table, pos_table = self.tokens_embed[...], self.positions_embed[: tokens.shape[-1]]
+        token_rows = jnp.take(self.tokens_embed[...], tokens, axis=0)  # [batch, seq, width]
+        pos_table = self.positions_embed[: tokens.shape[-1]]  # [seq, width]
         if cfg.embd_dropout_site == "table" and key is not None:
             tok_key, pos_key = jax.random.split(key)
-            tok_table = dropout(tok_table, cfg.embd_dropout, tok_key)
+            token_rows = table_dropout(token_rows, tokens, cfg.embd_dropout, tok_key)
             pos_table = dropout(pos_table, cfg.embd_dropout, pos_key)
-        hidden = jnp.take(tok_table, tokens, axis=0) + pos_table
+        hidden = token_rows + pos_table
         if cfg.embd_dropout_site == "hidden":
             hidden = dropout(hidden, cfg.embd_dropout, key)
         return hidden.astype(cfg.compute_dtype)

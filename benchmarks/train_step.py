@@ -1,0 +1,270 @@
+"""How fast is our jit-compiled train step, compared with transformers' PyTorch GPT-1 on the same CPU?
+
+Both sides do the same update on the same batch: forward with the LM loss (objective L1, Sec. 3.1),
+backward, global-norm clipping at 1.0 and AdamW (0.9, 0.999, 1e-8, decay 0.01 on matrices only),
+dropout 0.1 in train mode, float32. Ours is the real step (`train_lib.compile_run` +
+`make_lm_train_step` with `optim.make_optimizer`); the reference is `OpenAIGPTLMHeadModel` in eager
+PyTorch with `torch.optim.AdamW`.
+
+Each framework runs in its own subprocess (so peak host memory, ru_maxrss, is its own). After
+set-up and warm-up the parent alternates the two processes round by round, so background load on a
+shared machine hits both alike; the reported time is the median step. Model FLOPs are
+`train_lib.train_flops_per_token`; the "matmul rate" is each framework's own square float32 matmul
+in the same run, and "model FLOP/s / matmul rate" is the fraction of it the step sustains.
+
+    python benchmarks/train_step.py [--configs full,small,tiny] [--rounds 3] [--steps 1] [--no-doc]
+
+Rewrites the generated part of the ``## Train step (CPU)`` section of docs/benchmarks.md (up to its
+``### What was tried`` notes) unless --no-doc. One run of the defaults takes 6-7 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # gpt1_jax and configs/ without an install
+DOC = ROOT / "docs" / "benchmarks.md"
+SECTION = "## Train step (CPU)"
+# name: (model overrides, batch, n_ctx, loss_chunk); all use the full 40,478-token vocabulary.
+CONFIGS = {
+    "full": (dict(), 2, 512, 0),
+    "small": (dict(width=256, n_head=4, n_layer=4, mlp_width=1024), 8, 128, 0),
+    "tiny": (dict(width=64, n_head=2, n_layer=2, mlp_width=256), 16, 64, 0),
+}
+MATMUL = 2048  # side of the square matmul that calibrates each framework's matmul rate
+
+
+def lm_flops_per_token(name: str) -> float:
+    from gpt1_jax.model import GPT1Config
+    from gpt1_jax.train_lib import train_flops_per_token
+
+    overrides, _, n_ctx, _ = CONFIGS[name]
+    return train_flops_per_token(GPT1Config(n_ctx=n_ctx, **overrides), n_ctx)
+
+
+class JaxStep:
+    """Our real train step, built the way `train_lib.pretrain` builds it."""
+
+    def __init__(self, name: str, extra: dict):
+        import jax
+        import numpy as np
+
+        from configs import gpt1_pretrain
+        from gpt1_jax import optim, sharding, train_lib
+
+        overrides, batch, n_ctx, chunk = CONFIGS[name]
+        config = gpt1_pretrain.get_config()
+        config.model.update(dict(overrides, n_ctx=n_ctx, **extra.get("model", {})))
+        config.train.batch_size, config.train.loss_chunk = batch, extra.get("loss_chunk", chunk)
+        model_cfg = train_lib.config_check.model_config(config)
+        total = config.train.num_steps
+        schedule = optim.learning_rate_schedule(config.optimizer, total)
+        optimizer = optim.make_optimizer(
+            config.optimizer, total, jax.eval_shape(lambda: train_lib.initial_params(model_cfg, 0)))
+        compiled = train_lib.compile_run(config, model_cfg, optimizer, schedule, train_lib.make_lm_train_step)
+        self.state = train_lib.place_state(train_lib.initial_params(model_cfg, 0), optimizer, compiled)
+        tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (batch, n_ctx + 1), dtype=np.int32)
+        self.batch = sharding.global_batch(tokens, compiled.mesh)
+        start = time.perf_counter()
+        self.step_fn = compiled.train_step.lower(self.state, self.batch).compile()
+        self.compile_s = time.perf_counter() - start
+        self.tokens = batch * n_ctx
+
+    def step(self) -> float:
+        self.state, metrics = self.step_fn(self.state, self.batch)
+        return float(metrics["loss"])
+
+    @staticmethod
+    def matmul_flops() -> float:
+        import jax
+        import jax.numpy as jnp
+
+        a = jax.random.normal(jax.random.key(0), (MATMUL, MATMUL), jnp.float32)
+        mm = jax.jit(lambda x: x @ x)
+        mm(a).block_until_ready()
+        return _best_rate(lambda: mm(a).block_until_ready())
+
+
+class TorchStep:
+    """transformers' OpenAIGPTLMHeadModel, eager, with the same optimizer and clipping."""
+
+    def __init__(self, name: str):
+        import torch
+        from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+        overrides, batch, n_ctx, _ = CONFIGS[name]
+        width = overrides.get("width", 768)
+        cfg = OpenAIGPTConfig(vocab_size=40478, n_positions=n_ctx, n_embd=width,
+                              n_layer=overrides.get("n_layer", 12), n_head=overrides.get("n_head", 12),
+                              resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+        torch.manual_seed(0)
+        self.model = OpenAIGPTLMHeadModel(cfg).train()
+        params = list(self.model.parameters())
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups, lr=2.5e-4, betas=(0.9, 0.999), eps=1e-8)
+        self.ids = torch.randint(0, 40478, (batch, n_ctx), generator=torch.Generator().manual_seed(0))
+        self.compile_s = float("nan")
+        self.tokens = batch * n_ctx
+        self.torch = torch
+
+    def step(self) -> float:
+        loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        loss.backward()
+        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    @staticmethod
+    def matmul_flops() -> float:
+        import torch
+
+        a = torch.randn(MATMUL, MATMUL)
+        return _best_rate(lambda: a @ a)
+
+
+def _best_rate(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 2 * MATMUL**3 / min(times)
+
+
+def worker(framework: str, name: str, warmup: int, extra: dict) -> None:
+    """Build, warm up, print 'ready', then run `n` timed steps per 'go n' line read from stdin."""
+    setup_start = time.perf_counter()
+    runner = JaxStep(name, extra) if framework == "jax" else TorchStep(name)
+    for _ in range(warmup):
+        runner.step()
+    info = {"compile_s": runner.compile_s, "setup_s": time.perf_counter() - setup_start,
+            "matmul_flops": runner.matmul_flops()}
+    print(json.dumps(info), flush=True)
+    for line in sys.stdin:
+        times = []
+        for _ in range(int(line.split()[1])):
+            start = time.perf_counter()
+            loss = runner.step()
+            times.append(time.perf_counter() - start)
+        print(json.dumps({"times": times, "loss": loss,
+                          "maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}), flush=True)
+
+
+def measure(name: str, rounds: int, steps: int, warmup: int, extra: dict) -> dict:
+    """Both frameworks on one config, alternating rounds of `steps` timed steps."""
+    procs, results = {}, {}
+    for framework in ("torch", "jax"):
+        cmd = [sys.executable, __file__, "--worker", framework, "--configs", name, "--warmup", str(warmup),
+               "--extra", json.dumps(extra)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        procs[framework] = proc
+        results[framework] = {**json.loads(proc.stdout.readline()), "times": []}
+    for _ in range(rounds):
+        for framework, proc in procs.items():
+            proc.stdin.write(f"go {steps}\n")
+            proc.stdin.flush()
+            out = json.loads(proc.stdout.readline())
+            results[framework]["times"] += out["times"]
+            results[framework].update(loss=out["loss"], maxrss_gb=out["maxrss_gb"])
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
+    flops = lm_flops_per_token(name)
+    _, batch, n_ctx, _ = CONFIGS[name]
+    for r in results.values():
+        r["step_s"] = statistics.median(r["times"])
+        r["tokens_per_s"] = batch * n_ctx / r["step_s"]
+        r["model_flops"] = flops * r["tokens_per_s"]
+    results["ratio"] = results["jax"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
+    return results
+
+
+def versions() -> str:
+    import jax
+    import torch
+    import transformers
+
+    return f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def render(results: dict, args) -> str:
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        SECTION, "",
+        f"`python benchmarks/train_step.py --configs {args.configs} --rounds {args.rounds} --steps {args.steps}` on "
+        f"{datetime.date.today().isoformat()}, {cpu}, {os.cpu_count()} CPU cores (shared with other jobs), "
+        f"{versions()}; float32, dropout 0.1 in train mode, AdamW + clipping at 1.0 on both sides. "
+        f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`. Median of {args.rounds * args.steps} steps after "
+        f"{args.warmup} warm-up step(s), the two frameworks alternating round by round; peak memory is each "
+        "subprocess's ru_maxrss. The matmul rate is each framework's own "
+        f"{MATMUL}^3 float32 matmul in the same run (no published peak for this shared virtual CPU, so no MFU).",
+        "",
+        "| config | batch x ctx | framework | step s | tokens/s | model GFLOP/s | / own matmul rate | "
+        "compile s | peak RSS GB | ours / torch |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, res in results.items():
+        _, batch, n_ctx, _ = CONFIGS[name]
+        for framework, label in (("torch", "transformers eager"), ("jax", "gpt1_jax jit")):
+            r = res[framework]
+            compile_s = "-" if framework == "torch" else f"{r['compile_s']:.1f}"
+            ratio = f"**{res['ratio']:.2f}x**" if framework == "jax" else ""
+            lines.append(
+                f"| {name} | {batch} x {n_ctx} | {label} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+                f"{r['model_flops'] / 1e9:.0f} | {r['model_flops'] / r['matmul_flops']:.0%} | {compile_s} | "
+                f"{r['maxrss_gb']:.2f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(text: str) -> None:
+    """Replace this section's generated part of docs/benchmarks.md (up to the next heading), keeping the rest."""
+    doc = DOC.read_text()
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^##+ |\Z)", re.S | re.M)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: text + "\n", doc, count=1)
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + text
+    DOC.write_text(doc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="full,small,tiny")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per framework per round")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--extra", default="{}", help="JSON overrides for ours: {'model': {...}, 'loss_chunk': n}")
+    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-doc", action="store_true")
+    args = parser.parse_args()
+    extra = json.loads(args.extra)
+    if args.worker:
+        worker(args.worker, args.configs, args.warmup, extra)
+        return
+    results = {}
+    for name in args.configs.split(","):
+        results[name] = measure(name, args.rounds, args.steps, args.warmup, extra)
+        print(name, json.dumps({k: v if k == "ratio" else {m: x for m, x in v.items() if m != "times"}
+                                for k, v in results[name].items()}), flush=True)
+    text = render(results, args)
+    print(text)
+    if not args.no_doc:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
