@@ -1,0 +1,56 @@
+"""The paper's fine-tuning recipe (Sec. 4.1 "Fine-tuning details" and the released code).
+
+`get_config(arg)`: arg is a task name (default sst2; see gpt1_jax.tasks.TASKS) or "tiny", a CPU-sized
+run for the quick start (the tiny pre-training model's sizes, SST-2, 320 training examples, 1 epoch):
+
+    python train.py --config configs/finetune.py:rte --config.init=RUN/checkpoints --workdir W
+    python train.py --config configs/finetune.py:tiny --config.init=RUN/checkpoints --workdir W
+
+The model's shape keys (vocab_size, n_ctx, width, n_head, n_layer, mlp_width) are 0: "take them from
+the checkpoint in `init`" (from scratch, init="", 0 means the paper's 12 x 768 model). A non-zero
+value is checked against the checkpoint.
+"""
+
+from configs.common import base_config, has_local_data, model_section
+from configs.tiny_pretrain import get_config as tiny_pretrain_config
+
+SHAPE_KEYS = ("vocab_size", "n_ctx", "width", "n_head", "n_layer", "mlp_width")
+
+
+def get_config(arg=None):
+    config = base_config()
+    config.mode = "finetune"
+    config.task = "sst2" if arg in (None, "", "tiny") else arg
+    config.model = model_section(**{key: 0 for key in SHAPE_KEYS})
+    # "local": files under $GPT1_JAX_DATA laid out like shared/data; "tfds": TFDS under data.tfds_data_dir.
+    config.data.task_source = "local" if has_local_data() else "tfds"
+    config.optimizer.lr = 6.25e-5
+    config.optimizer.schedule = "warmup_linear"  # linear decay, warm-up over 0.2% of training
+    config.optimizer.warmup_fraction = 0.002
+    config.optimizer.weight_decay = 0.01
+    config.optimizer.grad_clip_norm = 1.0
+    config.train.batch_size = 32
+    config.train.eval_batch_size = 64
+    config.train.log_every = 20
+    config.checkpoint.every = 500
+    config.finetune = dict(
+        epochs=3,
+        lm_coef=0.5,  # lambda of L3 = L2 + lambda * L1 (Sec. 3.2); 0 switches the auxiliary loss off
+        clf_dropout=0.1,
+        transfer_layers=-1,  # embeddings + first k blocks pre-trained, the rest fresh (Sec. 5); -1: all
+        max_train_examples=0,  # a random subset of this many training examples for quick runs; 0: all
+        max_text_len=0,  # tokens kept per text of a pair / answer; 0: n_ctx // 2 - 2 as the released code
+        eval_every=0,  # also evaluate every this many steps; 0: after each epoch only
+        heldout_examples=374,  # Story Cloze (no training split): validation examples held out as dev
+    )
+    if arg == "tiny":
+        tiny = tiny_pretrain_config().model
+        config.model.update({key: tiny[key] for key in SHAPE_KEYS})
+        config.finetune.max_train_examples = 320
+        config.finetune.epochs = 1
+        config.optimizer.lr = 1e-3  # a tiny model over a few steps wants a larger step, as in tiny_pretrain
+        config.optimizer.warmup_fraction = 0.1
+        config.train.batch_size = 16
+        config.train.eval_batch_size = 128
+        config.train.log_every = 5
+    return config
