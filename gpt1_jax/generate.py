@@ -1,0 +1,293 @@
+"""Sampling from the GPT-1 language model with a key/value cache, and log-likelihood scoring.
+
+Generation runs one jit-compiled prefill over the prompt and then one jit-compiled decode step per
+new token. Each step feeds only the newest token: the keys and values of earlier positions are read
+from a fixed-size cache [layers, batch, n_ctx, heads, head_dim] written with `dynamic_update_slice`,
+so a step costs O(n_ctx) instead of recomputing the whole prefix. The cached forward reuses the
+model's own stacked block parameters and sub-modules (Dense, LayerNorm, MLP), so it computes the
+same function as `GPT1.__call__` in evaluation mode.
+
+`score_continuations` gives the log-probability of candidate continuations of a context, the
+quantity the zero-shot probes of Sec. 5 compare (`gpt1_jax.zeroshot`).
+
+Command line:
+    python -m gpt1_jax.generate --checkpoint DIR --prompt "..." [--max-new-tokens N --temperature T
+        --top-k K --top-p P --seed S --greedy]
+    python -m gpt1_jax.generate --hf DIR --prompt "..."      # a transformers OpenAIGPT folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gpt1_jax.model import GPT1, GPT1Config
+
+# Rows per forward pass when scoring; a fixed batch keeps the number of compilations small.
+SCORE_BATCH = 16
+MIN_SCORE_LENGTH = 16
+
+
+# ---------------------------------------------------------------- the cached forward pass
+
+
+def init_cache(config: GPT1Config, batch: int) -> tuple[jax.Array, jax.Array]:
+    """Zeroed keys and values, each [layers, batch, n_ctx, heads, head_dim] in the compute dtype."""
+    shape = (config.n_layer, batch, config.n_ctx, config.n_head, config.head_dim)
+    return jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype)
+
+
+def _cached_attention(attn, x, k_cache, v_cache, start):
+    """Causal self-attention of x [batch, seq, width] at positions start.. over one layer's cache.
+
+    The new keys/values are written into the cache at `start`; query i attends to cache positions
+    <= start + i, which masks both the future and the unwritten (zero) rows.
+    """
+    cfg = attn.config
+    batch, seq, _ = x.shape
+    q, k, v = jnp.split(attn.qkv(x), 3, axis=-1)  # 3 x [batch, seq, width]
+    q, k, v = (t.reshape(batch, seq, cfg.n_head, cfg.head_dim) for t in (q, k, v))
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_cache).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+    query_pos = start + jnp.arange(seq)  # [seq]
+    visible = jnp.arange(cfg.n_ctx)[None, :] <= query_pos[:, None]  # [seq, n_ctx]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, head, seq, n_ctx]
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v_cache).reshape(batch, seq, cfg.width)
+    return attn.proj(out), k_cache, v_cache
+
+
+def forward_cached(model: GPT1, tokens, cache, start):
+    """tokens [batch, seq] at positions start..start+seq-1 -> (logits [batch, seq, vocab], new cache).
+
+    The post-LN block of the released code, n = LN1(x + attn(x)); h = LN2(n + mlp(n)), run over the
+    layer-stacked parameters with `lax.scan`, carrying each layer's slice of the cache.
+    """
+    cfg = model.config
+    seq = tokens.shape[-1]
+    token_rows = jnp.take(model.tokens_embed[...], tokens, axis=0)  # [batch, seq, width]
+    positions = jax.lax.dynamic_slice_in_dim(model.positions_embed[...], start, seq)  # [seq, width]
+    hidden = (token_rows + positions).astype(cfg.compute_dtype)
+    graphdef, block_state = nnx.split(model.blocks)
+
+    def layer(h, xs):
+        layer_state, k_cache, v_cache = xs
+        block = nnx.merge(graphdef, layer_state)
+        a, k_cache, v_cache = _cached_attention(block.attn, h, k_cache, v_cache, start)
+        n = block.ln_1(h + a)
+        return block.ln_2(n + block.mlp(n)), (k_cache, v_cache)
+
+    hidden, cache = jax.lax.scan(layer, hidden, (block_state, *cache))
+    return model.logits(hidden), cache
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def sample_logits(logits, key, *, greedy: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None):
+    """logits [batch, vocab] float32 -> next token ids [batch] int32.
+
+    Temperature divides the logits; top-k keeps the k most likely tokens; top-p (nucleus sampling,
+    Holtzman et al., 2020) keeps the smallest set of most likely tokens whose probability reaches p.
+    """
+    if greedy or temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    neg = jnp.finfo(logits.dtype).min
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [batch, 1]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p is not None:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # the most likely token is always kept
+        sorted_logits = jnp.where(mass_before < top_p, sorted_logits, neg)
+        logits = jnp.full_like(logits, neg).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, vocab: int) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be in [1, {vocab}], got {top_k}.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("greedy", "temperature", "top_k", "top_p"))
+def _prefill(graphdef, state, tokens, key, *, greedy, temperature, top_k, top_p):
+    """Whole prompt at once: fills the cache and samples the first new token."""
+    model = nnx.merge(graphdef, state)
+    cache = init_cache(model.config, tokens.shape[0])
+    logits, cache = forward_cached(model, tokens, cache, 0)
+    token = sample_logits(logits[:, -1], key, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+    return token, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("greedy", "temperature", "top_k", "top_p"),
+                   donate_argnums=(2,))
+def _decode_step(graphdef, state, cache, token, position, key, *, greedy, temperature, top_k, top_p):
+    """One new token: token [batch] at `position` -> (the next token [batch], updated cache)."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = forward_cached(model, token[:, None], cache, position)
+    next_token = sample_logits(logits[:, -1], key, greedy=greedy, temperature=temperature, top_k=top_k,
+                               top_p=top_p)
+    return next_token, cache
+
+
+def generate(model: GPT1, prompt_ids, *, max_new_tokens: int, key: jax.Array | None = None, greedy: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
+    """Continue prompts with up to `max_new_tokens` tokens, stopping early when n_ctx tokens are reached.
+
+    prompt_ids: [seq] or [batch, seq] ints (prompts of one length). Returns the new tokens only,
+    [new] or [batch, new]. `key` is required unless decoding greedily (or with temperature 0).
+    """
+    cfg = model.config
+    prompt = np.asarray(prompt_ids, np.int32)
+    single = prompt.ndim == 1
+    prompt = prompt[None] if single else prompt  # [batch, seq]
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be a non-empty [seq] or [batch, seq] array, got shape {prompt.shape}.")
+    if prompt.shape[1] > cfg.n_ctx:
+        raise ValueError(f"The prompt has {prompt.shape[1]} tokens but model.n_ctx is {cfg.n_ctx}; shorten it.")
+    _check_sampling(temperature, top_k, top_p, cfg.n_vocab)
+    sampling = dict(greedy=greedy or temperature == 0.0, temperature=float(temperature), top_k=top_k,
+                    top_p=None if top_p is None or top_p >= 1.0 else float(top_p))
+    if key is None:
+        if not sampling["greedy"]:
+            raise ValueError("Sampling needs a PRNG key (key=jax.random.key(seed)); or pass greedy=True.")
+        key = jax.random.key(0)
+    n_new = min(max_new_tokens, cfg.n_ctx - prompt.shape[1])  # prompt and new tokens fit in n_ctx
+    if n_new <= 0:
+        out = np.zeros((prompt.shape[0], 0), np.int32)
+        return out[0] if single else out
+    graphdef, state = nnx.split(model)
+    keys = jax.random.split(key, n_new)
+    token, cache = _prefill(graphdef, state, jnp.asarray(prompt), keys[0], **sampling)
+    tokens = [token]
+    for i in range(1, n_new):  # the token sampled last sits at position prompt_len + i - 1
+        token, cache = _decode_step(graphdef, state, cache, token, prompt.shape[1] + i - 1, keys[i], **sampling)
+        tokens.append(token)
+    out = np.asarray(jnp.stack(tokens, axis=1))  # [batch, new]
+    return out[0] if single else out
+
+
+# ---------------------------------------------------------------- log-likelihood scoring
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _next_token_logprobs(graphdef, state, tokens):
+    """tokens [batch, seq] -> log p(tokens[:, t+1] | tokens[:, :t+1]), float32 [batch, seq - 1]."""
+    model = nnx.merge(graphdef, state)
+    logits = model.logits(model(tokens))[:, :-1]  # [batch, seq - 1, vocab]
+    targets = tokens[:, 1:]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def score_pairs(model: GPT1, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                batch_size: int = SCORE_BATCH) -> list[tuple[float, float]]:
+    """(sum, mean) of log p(continuation | context) for each (context, continuation) pair.
+
+    Contexts longer than n_ctx allows are cut from the left, so the tokens nearest the continuation
+    are kept. Rows are right-padded to a power-of-two length (causal attention never looks right),
+    and batches are padded to `batch_size` rows, which bounds the number of compilations.
+    """
+    n_ctx = model.config.n_ctx
+    rows, spans = [], []
+    for context, continuation in pairs:
+        context, continuation = list(context), list(continuation)
+        if not context or not continuation:
+            raise ValueError("score_pairs needs a non-empty context (the first token has no prediction) and a "
+                             "non-empty continuation.")
+        if len(continuation) >= n_ctx:
+            raise ValueError(f"A continuation of {len(continuation)} tokens leaves no context within n_ctx={n_ctx}.")
+        context = context[-(n_ctx - len(continuation)):]
+        rows.append(context + continuation)
+        spans.append((len(context) - 1, len(context) + len(continuation) - 1))  # predicting positions
+    graphdef, state = nnx.split(model)
+    results = []
+    for begin in range(0, len(rows), batch_size):
+        chunk = rows[begin:begin + batch_size]
+        length = min(n_ctx, max(MIN_SCORE_LENGTH, 1 << (max(map(len, chunk)) - 1).bit_length()))
+        tokens = np.zeros((batch_size, length), np.int32)  # [batch, seq]
+        for i, row in enumerate(chunk):
+            tokens[i, :len(row)] = row
+        logprobs = np.asarray(_next_token_logprobs(graphdef, state, jnp.asarray(tokens)))
+        for i, (lo, hi) in enumerate(spans[begin:begin + batch_size]):
+            picked = logprobs[i, lo:hi]
+            results.append((float(picked.sum()), float(picked.mean())))
+    return results
+
+
+def score_continuations(model: GPT1, context_ids: Sequence[int], continuation_ids_list: Sequence[Sequence[int]],
+                        *, average: bool = False) -> list[float]:
+    """Log-probability of each continuation given the context, scored in one batch.
+
+    The sum is the log-likelihood of the whole continuation; `average=True` gives the average token
+    log-probability, the score the paper's zero-shot Story Cloze and RACE heuristics compare (Sec. 5).
+    """
+    scores = score_pairs(model, [(context_ids, c) for c in continuation_ids_list])
+    return [mean if average else total for total, mean in scores]
+
+
+# ---------------------------------------------------------------- command line
+
+
+def load_model(checkpoint_dir: str | None = None, hf_dir: str | None = None) -> GPT1:
+    """A GPT1 from one of our Orbax checkpoints or from a transformers OpenAIGPT folder."""
+    from gpt1_jax import checkpoint, convert
+
+    if (checkpoint_dir is None) == (hf_dir is None):
+        raise ValueError("Give exactly one of a checkpoint directory and a Hugging Face directory.")
+    if checkpoint_dir is not None:
+        config, params, _ = checkpoint.load_pretrained(checkpoint_dir)
+    else:
+        config, params = convert.load_hf(hf_dir)
+    return convert.model_from_params(config, params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gpt1_jax.generate", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="an Orbax checkpoint of ours (pre-training or converted)")
+    source.add_argument("--hf", help="a transformers folder with config.json and model.safetensors")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--greedy", action="store_true", help="take the most likely token at every step")
+    parser.add_argument("--vocab-dir", default=None, help="folder with the BPE files (default: see vocab_files)")
+    args = parser.parse_args(argv)
+
+    from gpt1_jax.tokenizer import GPT1Tokenizer
+
+    model = load_model(args.checkpoint, args.hf)
+    tokenizer = GPT1Tokenizer.from_files(args.vocab_dir)
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        parser.error("the prompt encodes to no tokens; give some text")
+    prompt_ids = prompt_ids[-model.config.n_ctx:]
+    try:
+        new_ids = generate(model, prompt_ids, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
+                           greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except ValueError as err:
+        parser.error(str(err))
+    print(tokenizer.decode(list(prompt_ids) + new_ids.tolist()))
+
+
+if __name__ == "__main__":
+    main()

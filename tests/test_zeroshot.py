@@ -1,0 +1,52 @@
+"""Zero-shot probes: log-likelihood scoring against a direct computation, and the probes on real dev data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gpt1_jax.data.task_readers import read_task
+from gpt1_jax.generate import score_continuations
+from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.tasks import get_task
+from gpt1_jax.tokenizer import GPT1Tokenizer
+from gpt1_jax.zeroshot import run_probe
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_root):
+    return GPT1Tokenizer.from_files(data_root / "gpt1_vocab")
+
+
+@pytest.fixture(scope="module")
+def real_vocab_model():
+    """The real 40,478-token vocabulary on a tiny network, for the probes on real text."""
+    return GPT1(GPT1Config(n_ctx=128, width=8, n_head=2, n_layer=1, mlp_width=16), rngs=nnx.Rngs(0))
+
+
+def test_score_continuations_equals_direct_log_probabilities():
+    model = GPT1(GPT1Config(vocab_size=50, n_ctx=12, width=16, n_head=2, n_layer=2, mlp_width=32),
+                 rngs=nnx.Rngs(1))
+    context, continuations = [5, 9, 2, 7, 11, 3, 8, 1], [[4], [6, 13, 21, 30], [0, 1]]
+    sums = score_continuations(model, context, continuations)
+    means = score_continuations(model, context, continuations, average=True)
+    log_probs = nnx.jit(lambda m, tokens: jax.nn.log_softmax(m.logits(m(tokens))))
+    for continuation, total, mean in zip(continuations, sums, means):
+        seq = (context + continuation)[-model.config.n_ctx:]  # the long one loses context from the left
+        padded = np.zeros((1, model.config.n_ctx), np.int32)  # one shape, one compilation
+        padded[0, :len(seq)] = seq
+        logprobs = np.asarray(log_probs(model, jnp.asarray(padded)))[0]
+        n = len(continuation)
+        direct = [float(logprobs[len(seq) - n - 1 + i, t]) for i, t in enumerate(continuation)]
+        np.testing.assert_allclose([total, mean], [sum(direct), np.mean(direct)], rtol=1e-5)
+
+
+def test_sst2_probe_on_dev_set(real_vocab_model, tokenizer, data_root):
+    examples = read_task(get_task("sst2"), "validation", data_root=data_root).examples[:64]
+    assert 0.0 <= run_probe(real_vocab_model, tokenizer, "sst2", examples) <= 1.0
+
+
+def test_story_cloze_probe_runs(real_vocab_model, tokenizer, data_root):
+    examples = read_task(get_task("story_cloze"), "validation", data_root=data_root).examples[:4]
+    assert run_probe(real_vocab_model, tokenizer, "story_cloze", examples) in (0.0, 0.25, 0.5, 0.75, 1.0)
