@@ -38,7 +38,7 @@ import jax
 
 DATA_ENV = "GPT1_JAX_DATA"
 # Bump when clean_text changes what it produces, so token caches built from the old text are rebuilt.
-CLEANING_VERSION = 1
+CLEANING_VERSION = 2
 
 _BOM = "\ufeff"
 _REPLACEMENT_UTF8 = "\ufffd".encode()
@@ -91,7 +91,17 @@ def strip_gutenberg(text: str) -> str:
     if start is None:
         return text
     end = _END_MARKER.search(text, start.end())
-    return text[start.end() : end.start() if end else len(text)].strip("\n")
+    return unwrap_lines(text[start.end() : end.start() if end else len(text)].strip("\n"))
+
+
+def unwrap_lines(text: str) -> str:
+    """Joins the hard-wrapped lines of each paragraph, keeping blank-line paragraph breaks.
+
+    Gutenberg texts break lines at ~70 characters; the GPT-1 tokenizer keeps every newline as a
+    token, so unwrapped text puts newlines only where BooksCorpus-style prose has them.
+    """
+    paragraphs = re.split(r"\n[ \t]*\n+", text)
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs if p.strip())
 
 
 def clean_text(raw: bytes | str, *, name: str = "<document>") -> str:
