@@ -1,0 +1,58 @@
+"""Curves of a run from its `metrics.jsonl`: loss, perplexity, learning rate, validation metrics.
+
+matplotlib draws them (a dependency because a readable PNG is not worth writing by hand);
+the Agg backend needs no display, so this works on TPU VMs and in CI.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from gpt1_jax.run_log import read_metrics  # noqa: E402
+
+PANELS = (
+    ("loss", ("loss", "task_loss", "lm_loss", "val_loss")),
+    ("perplexity", ("perplexity", "val_perplexity")),
+    ("learning rate", ("lr",)),
+)
+
+
+def _series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(m["step"], m[key]) for m in metrics if key in m]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _validation_keys(metrics: list[dict]) -> list[str]:
+    """Fine-tuning writes '<split>/<metric>' scalars; each gets a line in the last panel."""
+    return sorted({k for m in metrics for k in m if "/" in k})
+
+
+def plot_run(run: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
+    """Write `<out_dir>/<run name>.png` with one panel per quantity over training steps."""
+    run, out_dir = pathlib.Path(run), pathlib.Path(out_dir)
+    metrics = read_metrics(run)
+    panels = [(title, [k for k in keys if any(k in m for m in metrics)]) for title, keys in PANELS]
+    panels.append(("validation metrics", _validation_keys(metrics)))
+    panels = [(title, keys) for title, keys in panels if keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for axis, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            steps, values = _series(metrics, key)
+            axis.plot(steps, values, marker="." if len(steps) < 30 else None, label=key)
+        if title == "perplexity":
+            axis.set_yscale("log")
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.legend(fontsize="small")
+    fig.suptitle(run.name)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{run.name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

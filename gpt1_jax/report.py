@@ -1,0 +1,80 @@
+"""`python -m gpt1_jax.report RUN_DIRS...`: our results next to the paper's numbers, as markdown.
+
+A fine-tuning workdir contributes its `results.json` (best dev scores per split and the paper's
+number, Tables 2-4); a pre-training workdir its last validation perplexity from `metrics.jsonl`
+(the paper reports 18.4 on BooksCorpus, not comparable with other corpora). `--plots DIR` also
+draws each run's curves as PNG files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+from gpt1_jax.run_log import METRICS_FILE, read_metrics
+
+PAPER_BOOKSCORPUS_PERPLEXITY = 18.4
+HEADER = ["| run | task | split | metric | ours | paper | difference |", "|---|---|---|---|---:|---:|---:|"]
+
+
+class ReportError(ValueError):
+    """A folder that is not a gpt1_jax run directory."""
+
+
+def _finetune_rows(run: pathlib.Path, results: dict) -> list[str]:
+    metric = results["metric"]
+    rows = []
+    for split, scores in results["dev"].items():
+        ours = 100 * scores[metric]
+        paper = results["paper"].get(split)
+        difference = "-" if paper is None else f"{ours - paper:+.1f}"
+        rows.append(f"| {run.name} | {results['task']} | {split} | {metric} | {ours:.1f} | "
+                    f"{'-' if paper is None else f'{paper:.1f}'} | {difference} |")
+    return rows
+
+
+def _pretrain_rows(run: pathlib.Path, metrics: list[dict]) -> list[str]:
+    validation = [m for m in metrics if "val_perplexity" in m]
+    if not validation:
+        return [f"| {run.name} | pre-training | - | perplexity | (no validation yet) | "
+                f"{PAPER_BOOKSCORPUS_PERPLEXITY} | - |"]
+    last = validation[-1]
+    return [f"| {run.name} | pre-training (step {last['step']}) | validation | perplexity | "
+            f"{last['val_perplexity']:.1f} | {PAPER_BOOKSCORPUS_PERPLEXITY} (BooksCorpus) | - |"]
+
+
+def rows_for(run: pathlib.Path) -> list[str]:
+    results_file, metrics_file = run / "results.json", run / METRICS_FILE
+    if results_file.is_file():
+        return _finetune_rows(run, json.loads(results_file.read_text()))
+    if metrics_file.is_file():
+        return _pretrain_rows(run, read_metrics(run))
+    raise ReportError(f"{run}: neither results.json nor {METRICS_FILE}; pass a train.py --workdir.")
+
+
+def render(runs: list[pathlib.Path]) -> str:
+    rows = [row for run in runs for row in rows_for(run)]
+    return "\n".join(HEADER + rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gpt1_jax.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=pathlib.Path, help="train.py workdirs")
+    parser.add_argument("--out", type=pathlib.Path, help="write the markdown here (default: print it)")
+    parser.add_argument("--plots", type=pathlib.Path, help="write each run's curves as PNG files here")
+    args = parser.parse_args(argv)
+    table = render(args.runs)
+    if args.out:
+        args.out.write_text(table)
+    else:
+        print(table, end="")
+    if args.plots:
+        from gpt1_jax.plots import plot_run
+
+        for run in args.runs:
+            print(f"Wrote {plot_run(run, args.plots)}")
+
+
+if __name__ == "__main__":
+    main()
