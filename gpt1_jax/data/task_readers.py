@@ -142,10 +142,16 @@ def _csv_records(path, header, required, policy):
             yield line + "\n"
 
     reader = csv.reader(text())
-    try:
-        rows = [(numbers[-1], fields) for fields in reader]
-    except csv.Error as e:
-        raise DataError(f"{path}:{numbers[-1]}: malformed CSV ({e})") from None
+    rows = []
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # the reader resumes at the next line, so skip mode can go on
+            policy.bad_row(f"{path}:{numbers[-1]}: malformed CSV ({e})")
+            continue
+        rows.append((numbers[-1], fields))
     return _table_records(rows, path, header, required, policy)
 
 
