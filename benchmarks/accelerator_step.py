@@ -1,0 +1,120 @@
+"""GPT-1 pre-training throughput and MFU on the accelerator at hand, against transformers on the same device.
+
+The issue's target: bfloat16 compute (float32 parameters and optimizer state), batch 64 x 512, the full
+GPT-1 config, >= 45% MFU on an H100. Ours is the real step (`train_lib.compile_run` +
+`make_lm_train_step`, the paper's optimizer, dropout 0.1); the reference is `OpenAIGPTLMHeadModel` in
+PyTorch with bfloat16 autocast and fused AdamW on the same device, when torch sees one.
+
+    python benchmarks/accelerator_step.py [--batch 64] [--steps 10] [--dtype bfloat16] [--loss-chunk 8192] [--remat none]
+    python benchmarks/accelerator_step.py --tiny --batch 4 --steps 2      # a smoke run on any machine
+
+Prints one JSON line per framework (tokens/s, step seconds, compile seconds, MFU where the device's peak is
+known: `train_lib.PEAK_FLOPS`, or `--peak-flops` per device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def jax_step(args) -> dict:
+    import jax
+    import numpy as np
+
+    from configs.common import base_config, model_section
+    from gpt1_jax import config_check, optim, sharding, train_lib
+
+    config = base_config()
+    config.model = model_section(dtype=args.dtype, remat=args.remat,
+                                 **(dict(n_ctx=64, width=64, n_head=2, n_layer=2, mlp_width=256) if args.tiny else {}))
+    config.train.batch_size = args.batch
+    config.train.loss_chunk = args.loss_chunk
+    config.train.peak_flops = args.peak_flops
+    model_cfg = config_check.model_config(config)
+    schedule = optim.learning_rate_schedule(config.optimizer, 10_000)
+    optimizer = optim.make_optimizer(config.optimizer, 10_000, jax.eval_shape(lambda: train_lib.initial_params(model_cfg, 0)))
+    compiled = train_lib.compile_run(config, model_cfg, optimizer, schedule, train_lib.make_lm_train_step)
+    state = train_lib.place_state(train_lib.initial_params(model_cfg, 0), optimizer, compiled)
+    tokens = np.random.default_rng(0).integers(0, 40478, (args.batch, model_cfg.n_ctx + 1)).astype(np.int32)
+    batch = sharding.global_batch(tokens, compiled.mesh)
+    start = time.perf_counter()
+    state, metrics = compiled.train_step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = compiled.train_step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    flops = train_lib.train_flops_per_token(model_cfg, model_cfg.n_ctx) * args.batch * model_cfg.n_ctx
+    return {"framework": "gpt1_jax", "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+            "dtype": args.dtype, "batch": args.batch, "n_ctx": model_cfg.n_ctx, "step_s": step_s,
+            "tokens_per_s": args.batch * model_cfg.n_ctx / step_s, "compile_s": compile_s,
+            "mfu": flops / step_s / train_lib.peak_flops(config)}
+
+
+def torch_step(args) -> dict | None:
+    try:
+        import torch
+        from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+    except ImportError:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = dict(n_positions=64, n_embd=64, n_layer=2, n_head=2) if args.tiny else {}
+    model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(**sizes)).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2.5e-4, weight_decay=0.01, fused=device == "cuda")
+    n_ctx = model.config.n_positions
+    tokens = torch.randint(0, 40478, (args.batch, n_ctx + 1), device=device)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss  # transformers shifts the labels itself
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    return {"framework": "transformers", "device": device, "dtype": args.dtype, "batch": args.batch,
+            "n_ctx": n_ctx, "step_s": step_s, "tokens_per_s": args.batch * n_ctx / step_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--loss-chunk", type=int, default=8192)
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--peak-flops", type=float, default=0.0, help="per device; 0 looks the device up")
+    parser.add_argument("--tiny", action="store_true", help="a 2 x 64 model at ctx 64, for a smoke run")
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args()
+    ours = jax_step(args)
+    print(json.dumps(ours))
+    reference = None if args.no_torch else torch_step(args)
+    if reference:
+        print(json.dumps(reference))
+        print(json.dumps({"ours_over_transformers": ours["tokens_per_s"] / reference["tokens_per_s"]}))
+
+
+if __name__ == "__main__":
+    main()
