@@ -79,7 +79,7 @@ def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tu
 
     Parameters come back on the host so the caller can place them on any mesh.
     """
-    directory = pathlib.Path(directory)
+    directory = pathlib.Path(directory).absolute()  # Orbax resolves relative paths differently per call
     if not directory.is_dir():
         raise CheckpointError(f"Checkpoint directory {directory} does not exist (config key: init).")
     with _manager(directory, read_only=True) as manager:

@@ -168,3 +168,14 @@ def test_config_of_another_width_than_the_checkpoint_is_refused(tmp_path):
     write_original_release(tmp_path, SMALL_HF)
     with pytest.raises(WeightFormatError, match=r"tokens_embed.weight.*\(500, 64\).*\(500, 128\)"):
         load_openai_original(tmp_path, GPT1Config(vocab_size=500, n_ctx=64, width=128, n_head=4, n_layer=3, mlp_width=512))
+
+
+def test_a_relative_checkpoint_path_loads(tmp_path, monkeypatch):
+    """The README passes `--config.init=runs/tiny/checkpoints`: relative to the working directory."""
+    model = GPT1(GPT1Config(vocab_size=500, n_ctx=64, width=64, n_head=4, n_layer=2, mlp_width=256), rngs=nnx.Rngs(0))
+    checkpoint.save_pretrained(tmp_path / "ckpt", model)
+    monkeypatch.chdir(tmp_path)
+    config, params, _ = checkpoint.load_pretrained("ckpt")
+    assert config == model.config
+    for a, b in zip(jax.tree.leaves(params_of(model)), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
