@@ -9,8 +9,6 @@ learning-rate decay with warm-up over 0.2% of training.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -67,6 +65,3 @@ def rank_mask(params):
 def _is_stacked(path) -> bool:
     return any(getattr(k, "key", None) == "blocks" for k in path)
 
-
-def total_steps_for_epochs(num_examples: int, batch_size: int, epochs: float) -> int:
-    return max(1, math.ceil(num_examples / batch_size * epochs))

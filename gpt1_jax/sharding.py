@@ -88,6 +88,3 @@ def global_batch(local_batch, mesh: Mesh):
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)), local_batch)
 
-
-def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -52,15 +52,19 @@ def as_flags(config: ConfigDict) -> list[str]:
     return flags
 
 
+def train_py_command(config: ConfigDict, workdir) -> list[str]:
+    """python train.py with the tiny recipe file and `config` as overrides."""
+    return [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_pretrain.py"),
+            "--workdir", str(workdir), *as_flags(config)]
+
+
 def run_train_py(config: ConfigDict, workdir, *, devices: int = 1, env: dict | None = None,
                  check: bool = True) -> subprocess.CompletedProcess:
     """python train.py in a fresh process, optionally with N simulated CPU devices."""
     full_env = {**os.environ, **(env or {})}
     if devices > 1:
         full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_pretrain.py"),
-           "--workdir", str(workdir), *as_flags(config)]
-    result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(train_py_command(config, workdir), cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

@@ -6,22 +6,22 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from gpt1_jax import checkpoint, train_lib
 from gpt1_jax.run_log import read_metrics
-from pretrain_helpers import REPO, as_flags, assert_trees_equal, final_params, losses, run_train_py, tiny_config
+from pretrain_helpers import REPO, assert_trees_equal, final_params, losses, run_train_py, tiny_config, train_py_command
 
 pytestmark = pytest.mark.slow
 
 
 def start_train_py(config, workdir) -> subprocess.Popen:
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_pretrain.py"),
-           "--workdir", str(workdir), *as_flags(config)]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(train_py_command(config, workdir), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for_step(workdir: pathlib.Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -94,8 +94,7 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_
     with pytest.raises(train_lib.NonFiniteError, match=r"not finite at step \d+.*Last good checkpoint: step \d+"):
         train_lib.pretrain(config, str(tmp_path))
     _, params, _ = checkpoint.load_pretrained(tmp_path / "checkpoints")
-    import numpy as np
-    assert all(np.isfinite(leaf).all() for leaf in __import__("jax").tree.leaves(params))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
 def test_skip_mode_counts_non_finite_steps_and_finishes(tmp_path, token_cache_dir):

@@ -3,12 +3,11 @@
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
 
 from gpt1_jax import train_lib
-from pretrain_helpers import REPO, as_flags, assert_trees_equal, final_params, losses, run_train_py, tiny_config
+from pretrain_helpers import REPO, assert_trees_equal, final_params, losses, run_train_py, tiny_config, train_py_command
 
 pytestmark = pytest.mark.slow
 TOLERANCE = dict(rel=2e-4)
@@ -59,9 +58,8 @@ def test_two_processes_on_localhost_match_one_process(tmp_path, token_cache_dir,
     for index in range(2):
         env = {**os.environ, "GPT1_JAX_COORDINATOR": f"127.0.0.1:{port}", "GPT1_JAX_NUM_PROCESSES": "2",
                "GPT1_JAX_PROCESS_ID": str(index)}
-        cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_pretrain.py"),
-               "--workdir", str(tmp_path), *as_flags(config)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen(train_py_command(config, tmp_path), cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
