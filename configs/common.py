@@ -40,6 +40,11 @@ def base_config() -> ConfigDict:
         eval_batches=0, loss_chunk=0, nonfinite="stop", peak_flops=0.0,
         # Save and exit after this step (0: never), for time-sliced jobs; rerun without it to continue.
         stop_at=0))
+    # Zero-shot probes during pre-training (Figure 2, right): comma-separated task names of
+    # gpt1_jax.zeroshot.PROBES, run every `every` steps (0: with validation) on the first
+    # `max_examples` examples (0: all) of `split`.
+    config.zeroshot = ConfigDict(dict(tasks="", every=0, max_examples=200, split="validation",
+                                      task_source="local" if has_local_data() else "tfds"))
     config.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))
     config.mesh = ConfigDict(dict(fsdp=1))
     return config

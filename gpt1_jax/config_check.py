@@ -15,6 +15,7 @@ import jax
 from ml_collections import ConfigDict
 
 from gpt1_jax.model import GPT1Config
+from gpt1_jax.zeroshot import PROBES
 
 RUN_CONFIG_FILE = "config.json"
 # Keys that define what a workdir's checkpoints are; changing them mid-run would mix two runs.
@@ -68,6 +69,22 @@ def check_pretrain(config: ConfigDict, model_cfg: GPT1Config) -> None:
         raise ConfigError(f"train.num_steps={config.train.num_steps} must be >= 1.")
     if model_cfg.n_special:
         raise ConfigError("model.n_special must be 0 for pre-training: special tokens are added by fine-tuning.")
+    zeroshot_probe_names(config)
+
+
+def zeroshot_probe_names(config: ConfigDict) -> list[str]:
+    """The tasks of `zeroshot.tasks` (comma-separated), checked against the available probes."""
+    names = [name.strip() for name in config.zeroshot.tasks.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PROBES]
+    if unknown:
+        raise ConfigError(f"zeroshot.tasks: no zero-shot probe for {unknown}; available: "
+                          f"{', '.join(sorted(PROBES))}.")
+    if config.zeroshot.every < 0 or config.zeroshot.max_examples < 0:
+        raise ConfigError("zeroshot.every and zeroshot.max_examples must be >= 0 (0: every eval step, all examples).")
+    if config.zeroshot.task_source not in ("local", "tfds"):
+        raise ConfigError(f"zeroshot.task_source={config.zeroshot.task_source!r}: use 'local' "
+                          f"(files under $GPT1_JAX_DATA) or 'tfds'.")
+    return names
 
 
 def _identity(config: ConfigDict) -> dict:

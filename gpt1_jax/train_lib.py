@@ -29,6 +29,7 @@ from gpt1_jax.losses import lm_loss_sum
 from gpt1_jax.model import GPT1, GPT1Config
 from gpt1_jax.preemption import StopRequest
 from gpt1_jax.run_log import RunLog
+from gpt1_jax.zeroshot_tracking import ZeroShotTracker
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,7 @@ def pretrain(config: ConfigDict, workdir: str) -> dict[str, float]:
     config_check.check_pretrain(config, model_cfg)
     config_check.claim_workdir(workdir_path, config)
     data = LMData.build(config)
+    probes = ZeroShotTracker(config, data.tokenizer)
     total_steps = config.train.num_steps
     schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
     optimizer = optim.make_optimizer(config.optimizer, total_steps, jax.eval_shape(lambda: initial_params(model_cfg, 0)))
@@ -233,7 +235,7 @@ def pretrain(config: ConfigDict, workdir: str) -> dict[str, float]:
                                                 async_save=config.checkpoint.async_save)
     state, resumed = restore_or_init(checkpointer, compiled, lambda: initial_params(model_cfg, config.seed), optimizer)
     start = int(state.step)
-    metadata = run_metadata(config, model_cfg, data.tokenizer_identity, kind="pretrain")
+    metadata = run_metadata(config, model_cfg, data.tokenizer.fingerprint, kind="pretrain")
     run_log = RunLog(workdir_path, total_steps=total_steps, initial_step=start, description="pre-train")
     if resumed:
         run_log.message(f"Resumed from step {start} in {checkpointer.directory}.")
@@ -263,6 +265,10 @@ def pretrain(config: ConfigDict, workdir: str) -> dict[str, float]:
                     val = evaluate_lm(eval_step, state.params, data, compiled.mesh)
                     run_log.write(done, val)
                     final.update(val)
+                if probes.due(done):
+                    scores = probes.evaluate(compiled.graphdef, state.params)
+                    run_log.write(done, scores)
+                    final.update(scores)
                 pause = done == config.train.stop_at
                 if jax.process_count() > 1 and checkpointer.reached_preemption(done):
                     stop.request("preemption notice")

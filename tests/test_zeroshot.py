@@ -6,12 +6,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gpt1_jax import checkpoint, train_lib
+from gpt1_jax.config_check import ConfigError
+from gpt1_jax.convert import model_from_params
 from gpt1_jax.data.task_readers import read_task
 from gpt1_jax.generate import score_continuations
 from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.run_log import read_metrics
 from gpt1_jax.tasks import get_task
 from gpt1_jax.tokenizer import GPT1Tokenizer
 from gpt1_jax.zeroshot import run_probe
+from pretrain_helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +55,23 @@ def test_sst2_probe_on_dev_set(real_vocab_model, tokenizer, data_root):
 def test_story_cloze_probe_runs(real_vocab_model, tokenizer, data_root):
     examples = read_task(get_task("story_cloze"), "validation", data_root=data_root).examples[:4]
     assert run_probe(real_vocab_model, tokenizer, "story_cloze", examples) in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_pretraining_logs_probes_that_match_its_checkpoint(tmp_path, token_cache_dir, data_root, tokenizer):
+    """Figure 2 (right) of the paper: probes every `zeroshot.every` steps, equal to a fresh probe of the saved model."""
+    config = tiny_config(token_cache_dir, **{"train.num_steps": 4, "checkpoint.every": 4, "zeroshot.tasks": "sst2, cola",
+                                            "zeroshot.every": 2, "zeroshot.max_examples": 24})
+    train_lib.pretrain(config, str(tmp_path))
+    logged = {(m["step"], k): v for m in read_metrics(tmp_path) for k, v in m.items() if k.startswith("zeroshot/")}
+    assert set(logged) == {(s, f"zeroshot/{t}") for s in (2, 4) for t in ("sst2", "cola")}
+    model_cfg, params, _ = checkpoint.load_pretrained(str(tmp_path / "checkpoints"))
+    model = model_from_params(model_cfg, params)
+    for task in ("sst2", "cola"):
+        examples = read_task(get_task(task), "validation", data_root=data_root).examples[:24]
+        assert logged[4, f"zeroshot/{task}"] == pytest.approx(run_probe(model, tokenizer, task, examples), abs=1e-6)
+
+
+def test_unknown_probe_task_fails_before_the_workdir_is_touched(tmp_path, token_cache_dir):
+    with pytest.raises(ConfigError, match=r"zeroshot\.tasks.*mnli"):
+        train_lib.pretrain(tiny_config(token_cache_dir, **{"zeroshot.tasks": "sst2,mnli"}), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -30,7 +30,7 @@ def default_cache_dir() -> str:
 class LMData:
     sampler: lm_batches.WindowSampler
     validation: list[lm_batches.ValidationBatch]
-    tokenizer_identity: str
+    tokenizer: GPT1Tokenizer
     unigram_perplexity: float
     rows: slice  # this process's rows of the sampler's batch
 
@@ -59,7 +59,7 @@ class LMData:
                                                  num_batches=config.train.eval_batches or None)
             eval_rows = slice(index * eval_local, (index + 1) * eval_local)
             validation = [lm_batches.ValidationBatch(b.tokens[eval_rows], b.weights[eval_rows]) for b in full]
-        return cls(sampler=sampler, validation=validation, tokenizer_identity=tokenizer.fingerprint,
+        return cls(sampler=sampler, validation=validation, tokenizer=tokenizer,
                    unigram_perplexity=unigram_perplexity(train_tokens, validation, config.model.vocab_size), rows=rows)
 
     @contextlib.contextmanager
