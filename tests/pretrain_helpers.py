@@ -32,6 +32,10 @@ def tiny_config(cache_dir, **overrides) -> ConfigDict:
     config.train.eval_every = 0
     config.checkpoint.every = 3
     config.checkpoint.async_save = False
+    # Adam's first update is g / |g|: for coordinates whose gradient is round-off, its sign decides a full
+    # step. A warm-up keeps those first steps small, so runs that differ only in summation order (device
+    # layouts, micro-batches) agree to float tolerance after a few steps.
+    config.optimizer.warmup_steps = 50
     for key, value in overrides.items():
         section, name = key.split(".") if "." in key else (None, key)
         if section:

@@ -18,31 +18,14 @@ from gpt1_jax.task_model import TaskModel, task_loss
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import finetune as finetune_recipe  # noqa: E402
-from configs import tiny_pretrain  # noqa: E402
 
 TINY = GPT1Config(n_special=3, n_ctx=32, width=32, n_head=2, n_layer=2, mlp_width=64)
-PRETRAIN_STEPS = 100
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, data_root, monkeypatch_module) -> pathlib.Path:
-    """The `checkpoints` folder of a tiny model pre-trained briefly on the shared books."""
-    from gpt1_jax.train_lib import pretrain
-
-    monkeypatch_module.setenv("GPT1_JAX_DATA", str(data_root))
-    config = tiny_pretrain.get_config()
-    config.train.num_steps = PRETRAIN_STEPS
-    config.train.eval_every = 0
-    config.checkpoint.every = PRETRAIN_STEPS
-    workdir = tmp_path_factory.mktemp("pretrain")
-    pretrain(config, str(workdir))
-    return workdir / "checkpoints"
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
+def pretrained(tiny_pretraining) -> pathlib.Path:
+    """The `checkpoints` folder of the tiny model pre-trained for 200 steps on the shared books."""
+    return tiny_pretraining / "checkpoints"
 
 
 def tiny_config(init="", **finetune):

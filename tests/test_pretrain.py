@@ -1,5 +1,6 @@
 """Generative pre-training end to end on real books: learning, exact resume, schedule, errors."""
 
+import json
 import math
 
 import jax
@@ -12,36 +13,26 @@ from ml_collections import ConfigDict
 from configs import tiny_pretrain
 from gpt1_jax import optim, train_lib
 from gpt1_jax.config_check import ConfigError
+from gpt1_jax.data.lm_pipeline import LMData
 from gpt1_jax.run_log import read_metrics
 from pretrain_helpers import assert_trees_equal, final_params, losses, tiny_config
 
 
 @pytest.mark.slow
-def test_tiny_config_learns_the_corpus_statistics(tmp_path, token_cache_dir):
-    """From uniform (ln 40,478 = 10.6 nats) to about the unigram perplexity of the held-out books.
+def test_tiny_config_falls_well_below_the_unigram_baseline(tiny_pretraining):
+    """200 steps of the tiny recipe on real books: validation perplexity under 3/4 of the unigram baseline.
 
-    The issue asks for "well below the unigram baseline"; with the full vocabulary that takes
-    millions of tokens, beyond a CPU test's budget (docs/benchmarks.md, "Tiny pre-training").
+    The baseline is add-one-smoothed training frequencies scored on the same held-out windows, so
+    beating it by this much means the model predicts from its context, not from word counts alone.
     """
-    config = tiny_pretrain.get_config()
-    config.data.cache_dir = str(token_cache_dir)
-    config.train.num_steps = 200
-    config.train.eval_every = 200
-    config.checkpoint.async_save = False
-    final = train_lib.pretrain(config, str(tmp_path))
-    metrics = read_metrics(tmp_path)
-    baseline = train_lib_unigram(config)
-    print(f"\nunigram perplexity {baseline:.1f}, validation perplexity after 200 steps {final['val_perplexity']:.1f}")
-    assert final["val_perplexity"] < 1.1 * baseline
-    assert final["loss"] < 10.6 - 3.5
-    assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
+    metrics = read_metrics(tiny_pretraining)
+    unigram = LMData.build(ConfigDict(json.loads((tiny_pretraining / "config.json").read_text()))).unigram_perplexity
+    validation = {m["step"]: m["val_perplexity"] for m in metrics if "val_perplexity" in m}
+    print(f"\nunigram perplexity {unigram:.1f}, validation perplexity by step {validation}")
+    assert validation[200] < 0.75 * unigram
+    assert validation[200] < validation[100] < 1.2 * unigram
+    assert (tiny_pretraining / "tensorboard").is_dir() and any((tiny_pretraining / "tensorboard").iterdir())
     assert {"loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(metrics[0])
-
-
-def train_lib_unigram(config: ConfigDict) -> float:
-    from gpt1_jax.data.lm_pipeline import LMData
-
-    return LMData.build(config).unigram_perplexity
 
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, token_cache_dir):
