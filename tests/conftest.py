@@ -18,7 +18,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 @pytest.fixture(scope="session")
 def data_root() -> pathlib.Path:
-    root = pathlib.Path(os.environ.get("GPT1_JAX_DATA", _REPO.parent / "shared" / "data"))
+    # Absolute, so subprocesses and kernels started in other folders (tmp_path) find it too.
+    root = pathlib.Path(os.environ.get("GPT1_JAX_DATA", _REPO.parent / "shared" / "data")).resolve()
     if not root.is_dir():
         pytest.skip(f"no data folder at {root}; set GPT1_JAX_DATA")
     return root
