@@ -31,7 +31,10 @@ def base_config() -> ConfigDict:
     config.init = ""
     config.model = model_section()
     config.data = ConfigDict(dict(
-        source="", tfds_data_dir="", vocab_dir="", cache_dir="", val_fraction=0.01, shard_by_process=True))
+        source="", tfds_data_dir="", vocab_dir="", cache_dir="", val_fraction=0.01, shard_by_process=True,
+        # Task data (fine-tuning, zero-shot probes): "local" files under $GPT1_JAX_DATA laid out like
+        # shared/data, or "tfds" under data.tfds_data_dir.
+        task_source="local" if has_local_data() else "tfds"))
     config.optimizer = ConfigDict(dict(
         lr=2.5e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,
         schedule="warmup_cosine", warmup_steps=2000, warmup_fraction=0.002))
@@ -43,8 +46,7 @@ def base_config() -> ConfigDict:
     # Zero-shot probes during pre-training (Figure 2, right): comma-separated task names of
     # gpt1_jax.zeroshot.PROBES, run every `every` steps (0: with validation) on the first
     # `max_examples` examples (0: all) of `split`.
-    config.zeroshot = ConfigDict(dict(tasks="", every=0, max_examples=200, split="validation",
-                                      task_source="local" if has_local_data() else "tfds"))
+    config.zeroshot = ConfigDict(dict(tasks="", every=0, max_examples=200, split="validation"))
     config.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))
     config.mesh = ConfigDict(dict(fsdp=1))
     return config

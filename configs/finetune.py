@@ -11,7 +11,7 @@ the checkpoint in `init`" (from scratch, init="", 0 means the paper's 12 x 768 m
 value is checked against the checkpoint.
 """
 
-from configs.common import base_config, has_local_data, model_section
+from configs.common import base_config, model_section
 from configs.tiny_pretrain import get_config as tiny_pretrain_config
 
 SHAPE_KEYS = ("vocab_size", "n_ctx", "width", "n_head", "n_layer", "mlp_width")
@@ -22,8 +22,6 @@ def get_config(arg=None):
     config.mode = "finetune"
     config.task = "sst2" if arg in (None, "", "tiny") else arg
     config.model = model_section(**{key: 0 for key in SHAPE_KEYS})
-    # "local": files under $GPT1_JAX_DATA laid out like shared/data; "tfds": TFDS under data.tfds_data_dir.
-    config.data.task_source = "local" if has_local_data() else "tfds"
     config.optimizer.lr = 6.25e-5
     config.optimizer.schedule = "warmup_linear"  # linear decay, warm-up over 0.2% of training
     config.optimizer.warmup_fraction = 0.002

@@ -14,6 +14,7 @@ import time
 import jax
 from ml_collections import ConfigDict
 
+from gpt1_jax.data import task_readers
 from gpt1_jax.model import GPT1Config
 from gpt1_jax.zeroshot import PROBES
 
@@ -57,6 +58,9 @@ def check_common(config: ConfigDict) -> None:
             raise ConfigError(f"{key}={config[section][name]} must be >= 1.")
     if config.train.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.nonfinite={config.train.nonfinite!r}: use 'stop' or 'skip'.")
+    if config.data.task_source not in ("local", "tfds"):
+        raise ConfigError(f"data.task_source={config.data.task_source!r}: use 'local' "
+                          f"(files under ${task_readers.DATA_ENV}) or 'tfds'.")
     if config.train.eval_batch_size % jax.process_count():
         raise ConfigError(f"train.eval_batch_size={config.train.eval_batch_size} must be divisible by "
                           f"the {jax.process_count()} processes.")
@@ -81,9 +85,6 @@ def zeroshot_probe_names(config: ConfigDict) -> list[str]:
                           f"{', '.join(sorted(PROBES))}.")
     if config.zeroshot.every < 0 or config.zeroshot.max_examples < 0:
         raise ConfigError("zeroshot.every and zeroshot.max_examples must be >= 0 (0: every eval step, all examples).")
-    if config.zeroshot.task_source not in ("local", "tfds"):
-        raise ConfigError(f"zeroshot.task_source={config.zeroshot.task_source!r}: use 'local' "
-                          f"(files under $GPT1_JAX_DATA) or 'tfds'.")
     return names
 
 

@@ -44,10 +44,10 @@ def _splits(spec: tasks.TaskSpec, source: str) -> tuple[str, ...]:
 
 
 def read_split(spec: tasks.TaskSpec, split: str, config: ConfigDict) -> list[Example]:
-    """The examples of one split, or an error naming the missing file and the config keys to change."""
+    """The examples of one split, or an error naming the missing file and the config keys to change.
+
+    `data.task_source` is checked with the rest of the config (`config_check.check_common`)."""
     source = config.data.task_source
-    if source not in ("local", "tfds"):
-        raise ConfigError(f"data.task_source={source!r}: use 'local' (files under ${task_readers.DATA_ENV}) or 'tfds'.")
     if source == "local" and split not in spec.local:
         root = os.environ.get(task_readers.DATA_ENV, "<unset>")
         raise ConfigError(

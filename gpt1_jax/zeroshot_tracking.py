@@ -14,9 +14,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from gpt1_jax import tasks, zeroshot
+from gpt1_jax import finetune_data, tasks, zeroshot
 from gpt1_jax.config_check import ConfigError, zeroshot_probe_names
-from gpt1_jax.data import task_readers
 from gpt1_jax.data.task_readers import Example
 from gpt1_jax.tokenizer import GPT1Tokenizer
 
@@ -32,9 +31,7 @@ class ZeroShotTracker:
         self.examples: dict[str, list[Example]] = {}
         for name in self.names:
             try:
-                examples = task_readers.read_task(
-                    tasks.get_task(name), config.zeroshot.split, config.zeroshot.task_source,
-                    data_dir=config.data.tfds_data_dir or None).examples
+                examples = finetune_data.read_split(tasks.get_task(name), config.zeroshot.split, config)
             except (OSError, ValueError) as err:
                 raise ConfigError(f"zeroshot.tasks={name!r}, zeroshot.split={config.zeroshot.split!r}: {err}") from err
             self.examples[name] = examples[:config.zeroshot.max_examples or None]

@@ -103,6 +103,7 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path, token_cache_dir):
     ({"model.n_head": 3}, "model.width"),
     ({"train.nonfinite": "ignore"}, "train.nonfinite"),
     ({"model.n_ctx": 100_000}, "model.n_ctx"),
+    ({"data.task_source": "ftp"}, "data.task_source"),
 ])
 def test_bad_configs_fail_before_compiling_and_name_the_key(tmp_path, token_cache_dir, overrides, key):
     with pytest.raises((ValueError, ConfigError), match=key.replace(".", r"\.")):
