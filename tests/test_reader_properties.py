@@ -5,7 +5,7 @@ import json
 import pathlib
 import tempfile
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gpt1_jax.data.task_readers import DataError, ReadResult, read_columns, read_race_jsonl, read_story_cloze_csv
@@ -57,6 +57,7 @@ def test_random_bytes_as_tsv_csv_and_jsonl(data):
                                         st.one_of(cells, st.lists(cells, max_size=4),
                                                   st.lists(st.lists(cells, max_size=4), max_size=3)),
                                         max_size=5), max_size=4))
+@example(records=[{"id": "", "article": "", "questions": ["", ""], "options": [[], []], "answers": [[], []]}])
 def test_random_race_records(records):
     path = _write("\n".join(json.dumps(r) for r in records).encode("utf-8"), ".jsonl")
     _read_or_data_error(read_race_jsonl, path)

@@ -224,9 +224,30 @@ def read_columns(path: str | os.PathLike, *, text_a: str, text_b: str | None = N
     return _logged(result, str(path))
 
 
+def _is_strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _race_type_problem(article, questions, options, answers) -> str | None:
+    """What is of the wrong JSON type in a RACE record, or None: hand-made files mix up nesting levels."""
+    if not isinstance(article, str):
+        return f"'article' must be a string, got {type(article).__name__}"
+    if not _is_strings(questions):
+        return "'questions' must be a list of strings"
+    if not (isinstance(options, list) and all(_is_strings(choices) for choices in options)):
+        return "'options' must be a list of lists of strings (4 per question)"
+    if not _is_strings(answers):
+        return "'answers' must be a list of letters A-D"
+    return None
+
+
 def _race_examples(article_id: str, article: str, questions: Sequence[str], options: Sequence[Sequence[str]],
                    answers: Sequence[str], where: str, policy: _Policy) -> Iterator[Example]:
     """One Example per question of a RACE article (the source stores one record per article)."""
+    problem = _race_type_problem(article, questions, options, answers)
+    if problem:
+        policy.bad_row(f"{where}: {problem}")
+        return
     if not len(questions) == len(options) == len(answers):
         policy.bad_row(f"{where}: {len(questions)} questions, {len(options)} option lists, {len(answers)} answers")
         return
