@@ -20,7 +20,7 @@ from pretrain_helpers import assert_trees_equal, final_params, losses, tiny_conf
 
 @pytest.mark.slow
 def test_tiny_config_falls_well_below_the_unigram_baseline(tiny_pretraining):
-    """200 steps of the tiny recipe on real books: validation perplexity under 3/4 of the unigram baseline.
+    """The tiny recipe (300 steps) on real books: validation perplexity under 3/4 of the unigram baseline.
 
     The baseline is add-one-smoothed training frequencies scored on the same held-out windows, so
     beating it by this much means the model predicts from its context, not from word counts alone.
@@ -29,8 +29,8 @@ def test_tiny_config_falls_well_below_the_unigram_baseline(tiny_pretraining):
     unigram = LMData.build(ConfigDict(json.loads((tiny_pretraining / "config.json").read_text()))).unigram_perplexity
     validation = {m["step"]: m["val_perplexity"] for m in metrics if "val_perplexity" in m}
     print(f"\nunigram perplexity {unigram:.1f}, validation perplexity by step {validation}")
-    assert validation[200] < 0.75 * unigram
-    assert validation[200] < validation[100] < 1.2 * unigram
+    assert validation[300] < 0.75 * unigram
+    assert validation[300] < validation[200] < validation[100] < 1.2 * unigram
     assert (tiny_pretraining / "tensorboard").is_dir() and any((tiny_pretraining / "tensorboard").iterdir())
     assert {"loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(metrics[0])
 
