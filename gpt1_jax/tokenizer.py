@@ -43,7 +43,7 @@ END_OF_WORD = "</w>"
 
 # Bump when the pipeline's output may change, so that token caches keyed on `fingerprint` are rebuilt.
 # ftfy's and spaCy's versions are part of it because their rules decide the word boundaries.
-PIPELINE_VERSION = f"gpt1-bpe/1 ftfy={ftfy.__version__} spacy={spacy.__version__}"
+PIPELINE_VERSION = f"gpt1-bpe/2 ftfy={ftfy.__version__} spacy={spacy.__version__}"
 
 # Batches below this many characters are encoded in-process: starting workers (each imports spaCy and
 # loads the vocabulary, ~1 s) costs more than it saves on a 2-core machine.
@@ -56,8 +56,12 @@ MAX_CACHE_ENTRIES = 1_000_000
 SPACY_GROUP = 2048
 
 # The original's alternation `(-+|~+|!+|...)` (a run of one listed character), written as a class plus a
-# back-reference: the same matches, ~8x faster (equivalence is tested).
-_PUNCTUATION_RUNS = re.compile(r"""(([-~!";?+,)(\\/*\[\]}{|_])\2*)""")
+# back-reference: the same matches, ~8x faster (equivalence is tested). The backslash is deliberately not
+# in the class: text_utils.py writes the pattern as a plain, not raw, string, so its `\\+` reaches `re` as
+# `\+` (one literal '+', which the earlier `\++` always matches first) and backslashes are never spaced.
+# transformers' copy is a raw string and does space them; we follow the release, whose ids the model was
+# trained on.
+_PUNCTUATION_RUNS = re.compile(r"""(([-~!";?+,)(/*\[\]}{|_])\2*)""")
 _NEWLINE_SPACE = re.compile(r"\s*\n\s*")
 _OTHER_SPACE = re.compile(r"[^\S\n]+")
 # Printable ASCII plus tab/newline, minus '&': ftfy has nothing to do on such text (no mojibake, curly
@@ -76,8 +80,9 @@ def standardize(text: str) -> str:
     """The released ``text_standardize``: fixes spaCy's trouble with BooksCorpus punctuation and spacing.
 
     Long dashes become '-', the ellipsis character '...', the acute accent an apostrophe; runs of the
-    listed punctuation get spaces around them so spaCy splits them off; any whitespace touching a newline
-    becomes " \\n " and other whitespace runs a single space.
+    listed punctuation (``- ~ ! " ; ? + , ) ( / * [ ] } { | _``, not the backslash: see
+    ``_PUNCTUATION_RUNS``) get spaces around them so spaCy splits them off; any whitespace touching a
+    newline becomes " \\n " and other whitespace runs a single space.
     """
     text = text.replace("\u2014", "-").replace("\u2013", "-").replace("\u2015", "-")
     text = text.replace("\u2026", "...").replace("\u00b4", "'")
