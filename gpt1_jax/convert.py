@@ -4,15 +4,16 @@ Loading never executes code: numpy with `allow_pickle=False`, safetensors, and P
 only with `weights_only=True`.
 
 Command line:
-    python -m gpt1_jax.convert --openai DIR --orbax OUT      # the original params_*.npy release
-    python -m gpt1_jax.convert --hf DIR --orbax OUT          # openai-community/openai-gpt layout
-    python -m gpt1_jax.convert --orbax-in CKPT --hf-out OUT  # ours -> transformers
+    python -m gpt1_jax.convert --openai DIR --orbax OUT [--n-head N]  # the original params_*.npy release
+    python -m gpt1_jax.convert --hf DIR --orbax OUT                   # openai-community/openai-gpt layout
+    python -m gpt1_jax.convert --orbax-in CKPT --hf-out OUT           # ours -> transformers
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 
@@ -24,6 +25,9 @@ from flax import nnx
 from gpt1_jax.model import GPT1, GPT1Config
 
 N_ORIGINAL_SHARDS = 10
+SHAPES_FILE = "params_shapes.json"
+# GPT-1's 12 heads of 64 (Sec. 4.1). The release does not record a head count, so the user gives it.
+DEFAULT_N_HEAD = 12
 HF_PREFIX = "transformer."
 # transformers counts special tokens in vocab_size; this extra config.json key lets us split them off again.
 N_SPECIAL_KEY = "gpt1_jax_n_special"
@@ -36,9 +40,9 @@ class WeightFormatError(ValueError):
 # ---------------------------------------------------------------- our parameter tree
 
 
-def _layer_names(cfg: GPT1Config) -> list[tuple[tuple[str, ...], str, tuple[int, ...]]]:
-    """(path in our blocks tree, Hugging Face / original name, per-layer shape), in original order."""
-    d, m = cfg.width, cfg.mlp_width
+def _layer_names(d: int, m: int) -> list[tuple[tuple[str, ...], str, tuple[int, ...]]]:
+    """(path in our blocks tree, Hugging Face / original name, per-layer shape) for width d and MLP width m,
+    in original order."""
     return [
         (("attn", "qkv", "kernel"), "attn.c_attn.weight", (d, 3 * d)),
         (("attn", "qkv", "bias"), "attn.c_attn.bias", (3 * d,)),
@@ -92,7 +96,7 @@ def params_from_named(named: dict[str, np.ndarray], cfg: GPT1Config, source: str
         "positions_embed": take("positions_embed.weight", (cfg.n_ctx, cfg.width)),
         "blocks": {},
     }
-    for path, hf_name, shape in _layer_names(cfg):
+    for path, hf_name, shape in _layer_names(cfg.width, cfg.mlp_width):
         layers = [take(f"h.{i}.{hf_name}", shape) for i in range(cfg.n_layer)]
         _set_path(params["blocks"], path, np.stack(layers))  # [n_layer, *shape]
     return params
@@ -104,7 +108,7 @@ def named_from_params(params: dict, cfg: GPT1Config) -> dict[str, np.ndarray]:
         "tokens_embed.weight": np.asarray(params["tokens_embed"])[: cfg.n_vocab],
         "positions_embed.weight": np.asarray(params["positions_embed"]),
     }
-    for path, hf_name, _ in _layer_names(cfg):
+    for path, hf_name, _ in _layer_names(cfg.width, cfg.mlp_width):
         stacked = np.asarray(_get_path(params["blocks"], path))
         for i in range(cfg.n_layer):
             named[f"h.{i}.{hf_name}"] = stacked[i]
@@ -124,46 +128,43 @@ def params_of(model: GPT1) -> dict:
 
 # ---------------------------------------------------------------- the original OpenAI release
 
+ARRAYS_PER_LAYER = len(_layer_names(1, 1))  # 12 arrays per block in params_shapes.json
+
 
 def original_names(n_layer: int) -> list[str]:
     """The 146 arrays of params_shapes.json in order, named as Hugging Face names them."""
     names = ["positions_embed.weight", "tokens_embed.weight"]
     for i in range(n_layer):
-        names += [f"h.{i}.{name}" for _, name, _ in _layer_names(GPT1Config())]
+        names += [f"h.{i}.{name}" for _, name, _ in _layer_names(1, 1)]  # names do not depend on sizes
     return names
 
 
-def load_openai_original(directory: str | os.PathLike, config: GPT1Config | None = None) -> tuple[GPT1Config, dict]:
-    """Read `params_shapes.json` + `params_0.npy`..`params_9.npy` (one flat float32 array split in 10).
+def original_shapes(n_ctx: int, vocab: int, d: int, m: int, n_layer: int) -> list[tuple[int, ...]]:
+    """What params_shapes.json lists: positions [n_ctx, d], tokens [vocab, d], then 12 arrays per layer
+    with the Conv1D kernels stored as (1, in, out)."""
+    per_layer = [(1, *shape) if len(shape) == 2 else shape for _, _, shape in _layer_names(d, m)]
+    return [(n_ctx, d), (vocab, d)] + per_layer * n_layer
+
+
+def load_openai_original(directory: str | os.PathLike, *, n_head: int = DEFAULT_N_HEAD,
+                         config: GPT1Config | None = None) -> tuple[GPT1Config, dict]:
+    """Read `params_shapes.json` + `params_0.npy`..`params_9.npy` (one flat float32 vector cut in 10).
 
     The released table is [positions (n_ctx) | tokens (40478)]; Conv1D kernels are stored as
-    (1, in, out). The layer count and sizes are read from the shapes unless `config` is given.
+    (1, in, out). Layer count and sizes are read from the shapes, which are checked against that layout
+    first so a wrong file fails naming the entry. The release does not record the head count (heads only
+    split c_attn's columns when the model runs), so it is `n_head` (`--n-head`, default GPT-1's 12),
+    checked to divide the width. A given `config` fixes every size, its head count included (`n_head` is
+    then unused), and the weights are checked against it.
     """
     directory = pathlib.Path(directory)
-    shapes_file = directory / "params_shapes.json"
-    if not shapes_file.is_file():
-        raise WeightFormatError(f"{shapes_file} not found: the original release has params_shapes.json and params_0..9.npy.")
-    shapes = [tuple(s) for s in json.loads(shapes_file.read_text())]
-    shards = []
-    for i in range(N_ORIGINAL_SHARDS):
-        shard_file = directory / f"params_{i}.npy"
-        if not shard_file.is_file():
-            raise WeightFormatError(f"Missing shard {shard_file}: the release has {N_ORIGINAL_SHARDS} files params_0.npy..params_9.npy.")
-        shards.append(np.load(shard_file, allow_pickle=False).reshape(-1))
-    flat = np.concatenate(shards)
-    expected_size = sum(int(np.prod(s)) for s in shapes)
-    if flat.size != expected_size:
-        raise WeightFormatError(
-            f"{directory}: the shards hold {flat.size} values but params_shapes.json describes {expected_size}."
-        )
-    arrays = np.split(flat, np.cumsum([int(np.prod(s)) for s in shapes])[:-1])
-    arrays = [a.reshape(s).astype(np.float32) for a, s in zip(arrays, shapes)]
+    shapes_file = directory / SHAPES_FILE
+    shapes = _read_original_shapes(shapes_file)
+    flat = _read_original_shards(directory, shapes)  # [total]
+    arrays = np.split(flat, np.cumsum([math.prod(s) for s in shapes])[:-1])
+    arrays = [a.reshape(s) for a, s in zip(arrays, shapes)]
     if config is None:
-        n_ctx, width = shapes[0]
-        config = GPT1Config(
-            vocab_size=shapes[1][0], n_ctx=n_ctx, width=width, n_layer=(len(shapes) - 2) // 12,
-            mlp_width=shapes[8][-1], n_head=_original_heads(width),
-        )
+        config = _original_config(shapes, n_head, shapes_file)
     names = original_names(config.n_layer)
     if len(arrays) != len(names):
         raise WeightFormatError(
@@ -173,9 +174,82 @@ def load_openai_original(directory: str | os.PathLike, config: GPT1Config | None
     return config, params_from_named(named, config, str(directory))
 
 
-def _original_heads(width: int) -> int:
-    """The release does not record the head count; GPT-1 uses heads of size 64."""
-    return max(1, width // 64)
+def _read_original_shapes(shapes_file: pathlib.Path) -> list[tuple[int, ...]]:
+    """params_shapes.json, checked entry by entry against the release's layout.
+
+    The width d comes from entry 0 (positions [n_ctx, d]) and the MLP width m from entry 8 (the first
+    c_fc kernel (1, d, m)); every other entry must then be what `original_shapes` derives from them.
+    """
+    if not shapes_file.is_file():
+        raise WeightFormatError(f"{shapes_file} not found: the original release has {SHAPES_FILE} and params_0..9.npy.")
+    try:
+        shapes = json.loads(shapes_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightFormatError(f"{shapes_file}: not valid JSON ({err}); use the release's {SHAPES_FILE}.") from err
+    if not isinstance(shapes, list):
+        raise WeightFormatError(f"{shapes_file}: expected a JSON list of shapes, found a {type(shapes).__name__}.")
+    for i, shape in enumerate(shapes):
+        if not (isinstance(shape, list) and shape and all(type(n) is int and n > 0 for n in shape)):
+            raise WeightFormatError(f"{shapes_file} entry {i}: expected a shape (a list of positive integers), "
+                                    f"found {shape!r}.")
+    if len(shapes) < 2 + ARRAYS_PER_LAYER or (len(shapes) - 2) % ARRAYS_PER_LAYER:
+        raise WeightFormatError(
+            f"{shapes_file}: expected 2 + {ARRAYS_PER_LAYER} k entries (positions, tokens, then {ARRAYS_PER_LAYER} "
+            f"arrays per layer; 146 for GPT-1's 12 layers), found {len(shapes)}. Use the release's {SHAPES_FILE}.")
+    if len(shapes[0]) != 2:
+        raise WeightFormatError(f"{shapes_file} entry 0 (positions_embed.weight): expected (n_ctx, width), "
+                                f"found {tuple(shapes[0])}.")
+    n_layer = (len(shapes) - 2) // ARRAYS_PER_LAYER
+    (n_ctx, d), vocab, m = shapes[0], shapes[1][0], shapes[8][-1]
+    expected = original_shapes(n_ctx, vocab, d, m, n_layer)
+    for i, (name, want, found) in enumerate(zip(original_names(n_layer), expected, shapes)):
+        if tuple(found) != want:
+            raise WeightFormatError(
+                f"{shapes_file} entry {i} ({name}): expected {want}, found {tuple(found)} (width {d} from entry 0, "
+                f"MLP width {m} from entry 8). Use the release's {SHAPES_FILE}.")
+    return expected
+
+
+def _read_original_shards(directory: pathlib.Path, shapes: list[tuple[int, ...]]) -> np.ndarray:
+    """The shards concatenated into the flat vector [total] of every array in params_shapes.json order."""
+    shards = [_read_shard(directory / f"params_{i}.npy") for i in range(N_ORIGINAL_SHARDS)]
+    expected = sum(math.prod(s) for s in shapes)
+    found = sum(shard.size for shard in shards)
+    if found != expected:
+        raise WeightFormatError(
+            f"{directory}/params_0.npy..params_{N_ORIGINAL_SHARDS - 1}.npy: expected {expected} values in total (the "
+            f"shapes in {SHAPES_FILE}), found {found} (per shard: {[shard.size for shard in shards]}). The shards and "
+            f"{SHAPES_FILE} must come from the same release.")
+    return np.concatenate(shards)  # [total]
+
+
+def _read_shard(shard_file: pathlib.Path) -> np.ndarray:
+    """One params_i.npy: a 1-D float32 slice of the flat parameter vector, as the release saved it."""
+    if not shard_file.is_file():
+        raise WeightFormatError(
+            f"Missing shard {shard_file}: the release has {N_ORIGINAL_SHARDS} files params_0.npy..params_9.npy.")
+    try:
+        with shard_file.open("rb") as f:
+            shard = np.lib.format.read_array(f, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise WeightFormatError(f"{shard_file}: not a readable .npy array ({err}); re-download the release.") from err
+    if shard.ndim != 1 or shard.dtype != np.float32:
+        raise WeightFormatError(
+            f"{shard_file}: expected a 1-D float32 array (a slice of the flat parameter vector), found shape "
+            f"{shard.shape} and dtype {shard.dtype}. Use the release's shards unmodified.")
+    return shard
+
+
+def _original_config(shapes: list[tuple[int, ...]], n_head: int, shapes_file: pathlib.Path) -> GPT1Config:
+    """Sizes from the (checked) release shapes, with the user's head count checked to divide the width."""
+    (n_ctx, width), vocab = shapes[0], shapes[1][0]
+    if n_head < 1 or width % n_head:
+        raise WeightFormatError(
+            f"--n-head {n_head} does not divide the width {width} read from {shapes_file}: give the head count the "
+            f"weights were trained with, a positive divisor of {width} (12 for GPT-1; fine-tuning's init=openai: "
+            "takes it from model.n_head).")
+    return GPT1Config(vocab_size=vocab, n_ctx=n_ctx, width=width, n_head=n_head,
+                      n_layer=(len(shapes) - 2) // ARRAYS_PER_LAYER, mlp_width=shapes[8][-1])
 
 
 # ---------------------------------------------------------------- Hugging Face format
@@ -274,16 +348,22 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--openai", help="folder with params_shapes.json and params_0..9.npy")
     source.add_argument("--hf", help="folder with config.json and model.safetensors or pytorch_model.bin")
     source.add_argument("--orbax-in", help="an Orbax checkpoint of ours (pre-training or converted)")
+    parser.add_argument("--n-head", type=int,
+                        help=f"attention heads of the --openai release, which does not record them "
+                             f"(default {DEFAULT_N_HEAD}, GPT-1's)")
     parser.add_argument("--orbax", help="write an Orbax checkpoint here (fine-tuning's --config.init)")
     parser.add_argument("--hf-out", help="write a Hugging Face model folder here")
     args = parser.parse_args(argv)
     if not (args.orbax or args.hf_out):
         parser.error("give --orbax and/or --hf-out")
+    if args.n_head is not None and not args.openai:
+        parser.error("--n-head is for --openai only: the other formats record their head count")
 
     from gpt1_jax import checkpoint
 
     if args.openai:
-        config, params = load_openai_original(args.openai)
+        n_head = DEFAULT_N_HEAD if args.n_head is None else args.n_head
+        config, params = load_openai_original(args.openai, n_head=n_head)
     elif args.hf:
         config, params = load_hf(args.hf)
     else:

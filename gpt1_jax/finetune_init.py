@@ -54,7 +54,9 @@ def load_init(config: ConfigDict) -> tuple[GPT1Config, dict | None, str]:
     if init.startswith("hf:"):
         cfg, params = convert.load_hf(init[3:])
     elif init.startswith("openai:"):
-        cfg, params = convert.load_openai_original(init[len("openai:"):])
+        # The release records no head count: model.n_head gives it, 0 meaning GPT-1's 12.
+        n_head = config.model.n_head or convert.DEFAULT_N_HEAD
+        cfg, params = convert.load_openai_original(init[len("openai:"):], n_head=n_head)
     else:
         cfg, params, _ = checkpoint.load_pretrained(init)
     for key, value in _user_shapes(config).items():

@@ -13,6 +13,7 @@ from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
 from gpt1_jax import checkpoint
 from gpt1_jax.convert import (
+    DEFAULT_N_HEAD,
     WeightFormatError,
     load_hf,
     load_openai_original,
@@ -24,6 +25,7 @@ from gpt1_jax.convert import (
 from gpt1_jax.model import GPT1, GPT1Config
 
 SMALL_HF = dict(vocab_size=500, n_positions=64, n_embd=64, n_layer=3, n_head=4)
+SMALL_12_HEADS = dict(SMALL_HF, n_embd=48, n_head=12)  # a width GPT-1's default 12 heads divide
 FULL_HF = dict(vocab_size=40478, n_positions=512, n_embd=768, n_layer=12, n_head=12)
 
 
@@ -102,7 +104,7 @@ def test_original_release_import_matches_an_independent_reader(tmp_path, sizes):
     arrays = write_original_release(tmp_path, sizes)
     if sizes is FULL_HF:
         assert len(arrays) == 146
-    config, params = load_openai_original(tmp_path, GPT1Config(
+    config, params = load_openai_original(tmp_path, config=GPT1Config(
         vocab_size=sizes["vocab_size"], n_ctx=sizes["n_positions"], width=sizes["n_embd"],
         n_layer=sizes["n_layer"], n_head=sizes["n_head"], mlp_width=4 * sizes["n_embd"]))
     ids = random_ids(sizes["vocab_size"], 2, 32)
@@ -112,10 +114,36 @@ def test_original_release_import_matches_an_independent_reader(tmp_path, sizes):
     assert np.abs(logits - ref_logits).max() <= 1e-4
 
 
-def test_original_release_sizes_are_read_from_the_shapes(tmp_path):
+def test_original_release_sizes_are_read_from_the_shapes_and_heads_from_the_user(tmp_path):
     write_original_release(tmp_path, SMALL_HF)
-    config, _ = load_openai_original(tmp_path)
+    config, _ = load_openai_original(tmp_path, n_head=4)
     assert (config.vocab_size, config.n_ctx, config.width, config.n_layer, config.mlp_width) == (500, 64, 64, 3, 256)
+    assert config.n_head == 4
+
+
+def test_original_release_head_count_defaults_to_gpt1s_12(tmp_path):
+    write_original_release(tmp_path, SMALL_12_HEADS)
+    config, _ = load_openai_original(tmp_path)
+    assert DEFAULT_N_HEAD == 12 and config.n_head == 12
+
+
+@pytest.mark.parametrize("n_head", [5, 0])
+def test_a_head_count_that_does_not_divide_the_width_is_refused(tmp_path, n_head):
+    write_original_release(tmp_path, SMALL_HF)
+    with pytest.raises(WeightFormatError, match=rf"--n-head {n_head} does not divide the width 64 .*params_shapes"):
+        load_openai_original(tmp_path, n_head=n_head)
+
+
+def test_cli_n_head_reaches_the_orbax_checkpoint(tmp_path):
+    (tmp_path / "release").mkdir()
+    write_original_release(tmp_path / "release", SMALL_HF)
+    subprocess.run([sys.executable, "-m", "gpt1_jax.convert", "--openai", str(tmp_path / "release"),
+                    "--orbax", str(tmp_path / "ckpt"), "--n-head", "4"], check=True)
+    config, params, _ = checkpoint.load_pretrained(tmp_path / "ckpt")
+    expected_config, expected = load_openai_original(tmp_path / "release", n_head=4)
+    assert config.n_head == 4 and config == expected_config
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_round_trip_through_hf_is_exact_and_pytorch_gives_our_logits(tmp_path):
@@ -150,7 +178,59 @@ def test_missing_shard_names_the_file(tmp_path):
     write_original_release(tmp_path, SMALL_HF)
     (tmp_path / "params_7.npy").unlink()
     with pytest.raises(WeightFormatError, match="params_7.npy"):
-        load_openai_original(tmp_path)
+        load_openai_original(tmp_path, n_head=4)
+
+
+def _set_entry(index: int, shape):
+    def edit(shapes: list) -> None:
+        shapes[index] = shape
+    return edit
+
+
+# SMALL_HF: d = 64, m = 256, 3 layers = 38 entries; entry 2 + 12 + 6 = 20 is layer 1's c_fc kernel.
+@pytest.mark.parametrize("edit, message", [
+    pytest.param(_set_entry(20, [1, 64, 200]),
+                 r"params_shapes\.json entry 20 \(h\.1\.mlp\.c_fc\.weight\): "
+                 r"expected \(1, 64, 256\), found \(1, 64, 200\)",
+                 id="entry-shape"),
+    pytest.param(_set_entry(3, [64, 3]),
+                 r"params_shapes\.json entry 3 \(h\.0\.attn\.c_attn\.bias\): expected \(192,\), found \(64, 3\)",
+                 id="entry-rank"),
+    pytest.param(list.pop, r"params_shapes\.json: expected 2 \+ 12 k entries .*found 37", id="layer-count"),
+    pytest.param(_set_entry(0, [64]), r"params_shapes\.json entry 0 \(positions_embed\.weight\): "
+                 r"expected \(n_ctx, width\), found \(64,\)", id="positions-rank"),
+    pytest.param(_set_entry(5, [64, "x"]), r"params_shapes\.json entry 5: expected a shape .*found \[64, 'x'\]",
+                 id="not-ints"),
+])
+def test_a_shapes_file_off_the_release_layout_names_the_entry_and_both_shapes(tmp_path, edit, message):
+    write_original_release(tmp_path, SMALL_HF)
+    shapes_file = tmp_path / "params_shapes.json"
+    shapes = json.loads(shapes_file.read_text())
+    edit(shapes)
+    shapes_file.write_text(json.dumps(shapes))
+    with pytest.raises(WeightFormatError, match=message):
+        load_openai_original(tmp_path, n_head=4)
+
+
+@pytest.mark.parametrize("change, found", [
+    pytest.param(lambda a: a.astype(np.float64), r"shape \(\d+,\) and dtype float64", id="dtype"),
+    pytest.param(lambda a: a.reshape(1, -1), r"shape \(1, \d+\) and dtype float32", id="rank"),
+])
+def test_a_shard_that_is_not_1d_float32_names_the_file_its_shape_and_dtype(tmp_path, change, found):
+    write_original_release(tmp_path, SMALL_HF)
+    shard_file = tmp_path / "params_3.npy"
+    np.save(shard_file, change(np.load(shard_file)))
+    with pytest.raises(WeightFormatError, match=rf"params_3\.npy: expected a 1-D float32 array.*found {found}"):
+        load_openai_original(tmp_path, n_head=4)
+
+
+def test_shards_of_the_wrong_total_size_name_the_files_and_both_sizes(tmp_path):
+    total = sum(a.size for a in write_original_release(tmp_path, SMALL_HF))
+    shard_file = tmp_path / "params_9.npy"
+    np.save(shard_file, np.load(shard_file)[:-1])
+    with pytest.raises(WeightFormatError, match=rf"params_0\.npy\.\.params_9\.npy: expected {total} values in total "
+                                                rf"\(the shapes in params_shapes\.json\), found {total - 1}"):
+        load_openai_original(tmp_path, n_head=4)
 
 
 def test_wrong_shape_names_the_tensor_and_both_shapes(tmp_path):
@@ -167,7 +247,8 @@ def test_wrong_shape_names_the_tensor_and_both_shapes(tmp_path):
 def test_config_of_another_width_than_the_checkpoint_is_refused(tmp_path):
     write_original_release(tmp_path, SMALL_HF)
     with pytest.raises(WeightFormatError, match=r"tokens_embed.weight.*\(500, 64\).*\(500, 128\)"):
-        load_openai_original(tmp_path, GPT1Config(vocab_size=500, n_ctx=64, width=128, n_head=4, n_layer=3, mlp_width=512))
+        load_openai_original(tmp_path, config=GPT1Config(vocab_size=500, n_ctx=64, width=128, n_head=4, n_layer=3,
+                                                         mlp_width=512))
 
 
 def test_a_relative_checkpoint_path_loads(tmp_path, monkeypatch):
