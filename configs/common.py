@@ -35,8 +35,12 @@ def base_config() -> ConfigDict:
         # Task data (fine-tuning, zero-shot probes): "local" files under $GPT1_JAX_DATA laid out like
         # shared/data, or "tfds" under data.tfds_data_dir.
         task_source="local" if has_local_data() else "tfds"))
+    # kind: "released" is the released code's Adam (opt.py), the one OpenAI wrote for the paper's
+    # decoupled weight decay [37]; its pre-training code is not public, so pre-training uses it too, as
+    # the closest evidence of what the paper ran. "adamw" is optax.adamw (gpt1_jax/optim.py says how
+    # they differ).
     config.optimizer = ConfigDict(dict(
-        lr=2.5e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,
+        kind="released", lr=2.5e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,
         schedule="warmup_cosine", warmup_steps=2000, warmup_fraction=0.002))
     config.train = ConfigDict(dict(
         batch_size=64, grad_accum_steps=1, num_steps=1000, log_every=50, eval_every=1000, eval_batch_size=64,

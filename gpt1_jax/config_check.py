@@ -14,6 +14,7 @@ import time
 import jax
 from ml_collections import ConfigDict
 
+from gpt1_jax import optim
 from gpt1_jax.data import task_readers
 from gpt1_jax.model import GPT1Config
 from gpt1_jax.zeroshot import PROBES
@@ -56,6 +57,9 @@ def check_common(config: ConfigDict) -> None:
         section, name = key.split(".")
         if config[section][name] < 1:
             raise ConfigError(f"{key}={config[section][name]} must be >= 1.")
+    if config.optimizer.kind not in optim.KINDS:
+        raise ConfigError(f"optimizer.kind={config.optimizer.kind!r}: use 'released' (the released code's Adam) "
+                          "or 'adamw' (optax.adamw).")
     if config.train.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.nonfinite={config.train.nonfinite!r}: use 'stop' or 'skip'.")
     if config.data.task_source not in ("local", "tfds"):

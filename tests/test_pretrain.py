@@ -1,17 +1,11 @@
-"""Generative pre-training end to end on real books: learning, exact resume, schedule, errors."""
+"""Generative pre-training end to end on real books: learning, exact resume, errors (the schedule: test_optim.py)."""
 
 import json
-import math
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 from ml_collections import ConfigDict
 
-from configs import tiny_pretrain
-from gpt1_jax import optim, train_lib
+from gpt1_jax import train_lib
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data.lm_pipeline import LMData
 from gpt1_jax.run_log import read_metrics
@@ -44,47 +38,6 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, token_cache_d
     train_lib.pretrain(tiny_config(token_cache_dir), str(resumed))
     assert losses(resumed) == losses(straight)
     assert_trees_equal(final_params(resumed), final_params(straight))
-
-
-def test_learning_rate_schedule_follows_the_papers_formula():
-    opt = ConfigDict(dict(lr=2.5e-4, schedule="warmup_cosine", warmup_steps=2000, warmup_fraction=0.0))
-    total = 100_000
-    schedule = optim.learning_rate_schedule(opt, total)
-
-    def formula(step):
-        if step < 2000:
-            return 2.5e-4 * step / 2000
-        progress = (step - 2000) / (total - 2000)
-        return 2.5e-4 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    for step in (0, 1000, 2000, 51_000, total):
-        assert float(schedule(step)) == pytest.approx(formula(step), rel=1e-5, abs=1e-12)
-    assert float(schedule(total)) == 0.0
-
-
-def test_finetuning_schedule_is_the_released_warmup_linear():
-    opt = ConfigDict(dict(lr=6.25e-5, schedule="warmup_linear", warmup_steps=0, warmup_fraction=0.002))
-    schedule = optim.learning_rate_schedule(opt, 10_000)
-    assert float(schedule(10)) == pytest.approx(6.25e-5 * 0.001 / 0.002)
-    assert float(schedule(5000)) == pytest.approx(6.25e-5 * 0.5)
-    assert float(schedule(10_000)) == 0.0
-
-
-def test_weight_decay_skips_biases_and_gains_but_not_matrices():
-    config = tiny_pretrain.get_config()
-    config.optimizer.grad_clip_norm = 0.0
-    config.optimizer.schedule = "constant"
-    params = train_lib.initial_params(train_lib.config_check.model_config(config), 0)
-    optimizer = optim.make_optimizer(config.optimizer, 10, params)
-    zero_grads = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
-    new = optax.apply_updates(params, updates)
-    blocks = new["blocks"]
-    np.testing.assert_array_equal(blocks["ln_1"]["scale"], params["blocks"]["ln_1"]["scale"])
-    np.testing.assert_array_equal(blocks["attn"]["qkv"]["bias"], params["blocks"]["attn"]["qkv"]["bias"])
-    shrink = 1 - config.optimizer.lr * config.optimizer.weight_decay
-    np.testing.assert_allclose(blocks["mlp"]["fc"]["kernel"], params["blocks"]["mlp"]["fc"]["kernel"] * shrink, rtol=1e-6)
-    np.testing.assert_allclose(new["tokens_embed"], params["tokens_embed"] * shrink, rtol=1e-6)
 
 
 def test_gradient_accumulation_gives_the_same_update(tmp_path, token_cache_dir):
