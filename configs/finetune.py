@@ -22,6 +22,7 @@ def get_config(arg=None):
     config.mode = "finetune"
     config.task = "sst2" if arg in (None, "", "tiny") else arg
     config.model = model_section(**{key: 0 for key in SHAPE_KEYS})
+    config.optimizer.kind = "released"  # finetune-transformer-lm's opt.adam (gpt1_jax/optim.py)
     config.optimizer.lr = 6.25e-5
     config.optimizer.schedule = "warmup_linear"  # linear decay, warm-up over 0.2% of training
     config.optimizer.warmup_fraction = 0.002
@@ -34,12 +35,19 @@ def get_config(arg=None):
     config.finetune = dict(
         epochs=3,
         lm_coef=0.5,  # lambda of L3 = L2 + lambda * L1 (Sec. 3.2); 0 switches the auxiliary loss off
+        # Rows of L1's softmax: "all" as the released code (tokens, specials and the run's positions), or
+        # "tokens" (tokens and specials; skips up to 512 rows of 40,993 for GPT-1 at full context).
+        lm_softmax_rows="all",
+        # Extra evaluations (keeping the best parameters) after these updates of the first epoch, as the
+        # released code; "" for epoch ends only.
+        eval_at="1000,2000,4000,8000,16000,32000",
         clf_dropout=0.1,
         transfer_layers=-1,  # embeddings + first k blocks pre-trained, the rest fresh (Sec. 5); -1: all
         max_train_examples=0,  # a random subset of this many training examples for quick runs; 0: all
         max_text_len=0,  # tokens kept per text of a pair / answer; 0: n_ctx // 2 - 2 as the released code
         eval_every=0,  # also evaluate every this many steps; 0: after each epoch only
         heldout_examples=374,  # Story Cloze (no training split): validation examples held out as dev
+        heldout_seed=3535999445,  # ... chosen as the released code's train_test_split does (datasets.py)
     )
     if arg == "tiny":
         tiny = tiny_pretrain_config().model

@@ -62,7 +62,12 @@ def read_split(spec: tasks.TaskSpec, split: str, config: ConfigDict) -> list[Exa
 
 def _train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Example], dict[str, list[Example]]]:
     """Story Cloze has no training split: as the released code does, train on the validation set less a
-    held-out part (`finetune.heldout_examples`, 374 in the released code) that stands in as "validation"."""
+    held-out part (`finetune.heldout_examples`, 374 in the released code) that stands in as "validation".
+
+    The split is the released one (datasets.py: sklearn's `train_test_split(..., test_size=374,
+    random_state=3535999445)`): `RandomState(finetune.heldout_seed).permutation(n)`, the first 374 held
+    out and the rest trained on, both in that permuted order, so dev numbers compare with the release's.
+    """
     evals = {split: read_split(spec, split, config) for split in spec.eval_splits
              if split in _splits(spec, config.data.task_source)}
     if TRAIN in spec.local or TRAIN in spec.tfds.splits:
@@ -73,7 +78,7 @@ def _train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Exa
     if not 0 < held < len(examples):
         raise ConfigError(f"finetune.heldout_examples={held} must be in 1..{len(examples) - 1}: task {spec.name!r} "
                           f"trains on its {first!r} split less that many held-out examples.")
-    order = np.random.default_rng(config.seed).permutation(len(examples))
+    order = np.random.RandomState(config.finetune.heldout_seed).permutation(len(examples))
     evals[first] = [examples[i] for i in order[:held]]
     log.info("Task %s has no training split: training on %d %s examples, %d held out.", spec.name,
              len(examples) - held, first, held)

@@ -1,21 +1,22 @@
 """Supervised fine-tuning (Sec. 3.2-3.3, 4.1 "Fine-tuning details"): the loop, evaluation and outputs.
 
-The recipe of the paper and the released code: objective L3 = L2 + 0.5 * L1, Adam at 6.25e-5 with
-linear decay after a warm-up over 0.2% of training, batch 32, 3 epochs, weight decay 0.01, clipping
-at 1. The train step is the pre-training one (`train_lib.accumulate_gradients` / `guarded_update`,
-jit over a (data, fsdp) mesh) with the task loss. The order of each epoch is a pure function of
-(seed, epoch) and dropout keys of (seed, step), so a run killed at any point resumes from the
-workdir's `checkpoints` on the same batches. Each epoch (and every `finetune.eval_every` steps) the
-dev split(s) are scored with the task's metric; the best parameters by the primary metric on the
-first evaluation split are kept in `best/`, and at the end they write the GLUE-format test
-predictions, `results.json` and `results.md` (the paper's number beside ours).
+The recipe of the paper and the released code: objective L3 = L2 + 0.5 * L1, the released Adam at
+6.25e-5 with linear decay after a warm-up over 0.2% of training, batch 32, 3 epochs, weight decay 0.01,
+clipping at 1. As in the released code (train.py), each epoch drops its last partial batch, so a run
+takes (examples // batch) x epochs updates. The train step is the pre-training one
+(`train_lib.accumulate_gradients` / `guarded_update`, jit over a (data, fsdp) mesh) with the task loss.
+The order of each epoch is a pure function of (seed, epoch) and dropout keys of (seed, step), so a run
+killed at any point resumes from the workdir's `checkpoints` on the same batches. The dev split(s) are
+scored with the task's metric after each epoch, at the released code's updates 1k, 2k, 4k, 8k, 16k and
+32k of the first epoch (`finetune.eval_at`), and every `finetune.eval_every` steps; the best parameters
+by the primary metric on the first evaluation split are kept in `best/`, and at the end they write the
+GLUE-format test predictions, `results.json` and `results.md` (the paper's number beside ours).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import pathlib
 from typing import Callable
 
@@ -29,7 +30,7 @@ from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import task_inputs
 from gpt1_jax.preemption import StopRequest
 from gpt1_jax.run_log import RunLog
-from gpt1_jax.task_model import predictions, task_loss
+from gpt1_jax.task_model import LM_SOFTMAX_ROWS, predictions, task_loss
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,12 @@ def check_config(config: ConfigDict) -> tasks.TaskSpec:
     if ft.max_train_examples < 0 or ft.eval_every < 0:
         raise ConfigError("finetune.max_train_examples and finetune.eval_every must be >= 0 "
                           "(0: all examples / after each epoch only).")
+    if ft.lm_softmax_rows not in LM_SOFTMAX_ROWS:
+        raise ConfigError(f"finetune.lm_softmax_rows={ft.lm_softmax_rows!r}: use 'all' (the released code: "
+                          "tokens, specials and positions) or 'tokens' (tokens and specials only).")
+    if any(step < 1 for step in eval_steps_in_first_epoch(config)):
+        raise ConfigError(f"finetune.eval_at={ft.eval_at!r}: give comma-separated update counts >= 1 "
+                          "(the release evaluates at 1000,2000,4000,8000,16000,32000), or '' for none.")
     if config.train.eval_batch_size % jax.device_count():
         raise ConfigError(f"train.eval_batch_size={config.train.eval_batch_size} must be divisible by the "
                           f"{jax.device_count()} devices.")
@@ -66,10 +73,11 @@ def check_config(config: ConfigDict) -> tasks.TaskSpec:
 def make_train_step(graphdef, optimizer, schedule, config: ConfigDict):
     """(state, batch of TRAIN_KEYS) -> (state, metrics): one update on L3 (Sec. 3.2, Eq. 5)."""
     base_key = jax.random.key(config.seed)
-    lm_coef, chunk = float(config.finetune.lm_coef), config.train.loss_chunk
+    lm_coef, chunk, rows = float(config.finetune.lm_coef), config.train.loss_chunk, config.finetune.lm_softmax_rows
 
     def loss_fn(params, batch, key):
-        return task_loss(nnx.merge(graphdef, params), batch, key, lm_coef=lm_coef, loss_chunk=chunk)
+        return task_loss(nnx.merge(graphdef, params), batch, key, lm_coef=lm_coef, lm_softmax_rows=rows,
+                         loss_chunk=chunk)
 
     def train_step(state: train_lib.TrainState, batch):
         key = jax.random.fold_in(jax.random.fold_in(base_key, 0), state.step)  # stream 0: dropout
@@ -100,6 +108,29 @@ def compile_finetune(config, model_cfg, spec, optimizer, schedule) -> tuple[trai
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_shardings)
     return train_lib.Compiled(graphdef, mesh, state_shardings, train_step, abstract_state), eval_step
+
+
+def eval_steps_in_first_epoch(config: ConfigDict) -> set[int]:
+    """The update counts of `finetune.eval_at` (comma-separated): extra evaluations in the first epoch.
+
+    The released code also evaluates, and keeps the best parameters, after updates 1k, 2k, 4k, 8k, 16k
+    and 32k of its first epoch: on the large tasks (MNLI, QQP, SNLI, QNLI) the best model can come early.
+    """
+    try:
+        return {int(part) for part in str(config.finetune.eval_at).split(",") if part.strip()}
+    except ValueError:
+        raise ConfigError(f"finetune.eval_at={config.finetune.eval_at!r}: give comma-separated update counts, "
+                          "e.g. 1000,2000,4000.") from None
+
+
+def steps_per_epoch(n_train: int, config: ConfigDict) -> int:
+    """Full batches in one epoch: the release drops the last partial one (`iter_data(..., truncate=True)`)."""
+    steps = n_train // config.train.batch_size
+    if steps < 1:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} exceeds the {n_train} training examples, so "
+                          "an epoch has no full batch; lower train.batch_size or use more examples "
+                          "(finetune.max_train_examples=0 takes all).")
+    return steps
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -136,8 +167,9 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
     model_cfg, initial, description = finetune_init.build_params(config, spec, config.seed)
     config_check.claim_workdir(workdir_path, config)
     data = finetune_data.load(config, spec, model_cfg.n_ctx)
-    steps_per_epoch = math.ceil(len(data.train) / config.train.batch_size)
-    total_steps = config.finetune.epochs * steps_per_epoch
+    epoch_steps = steps_per_epoch(len(data.train), config)
+    total_steps = config.finetune.epochs * epoch_steps
+    early_evals = eval_steps_in_first_epoch(config)
     schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
     optimizer = optim.make_optimizer(config.optimizer, total_steps, jax.eval_shape(lambda: initial))
     compiled, eval_step = compile_finetune(config, model_cfg, spec, optimizer, schedule)
@@ -158,11 +190,11 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
     stopped = False
     try:
         with StopRequest() as stop:
-            for epoch in range(start // steps_per_epoch, config.finetune.epochs):
+            for epoch in range(start // epoch_steps, config.finetune.epochs):
                 batches = task_inputs.batches(data.train, config.train.batch_size, shuffle=True,
-                                              seed=epoch_seed(config.seed, epoch))
+                                              seed=epoch_seed(config.seed, epoch), drop_remainder=True)
                 for i, batch in enumerate(batches):
-                    done = epoch * steps_per_epoch + i + 1
+                    done = epoch * epoch_steps + i + 1
                     if done <= start:
                         continue
                     inputs = sharding.global_batch(_local({k: batch[k] for k in TRAIN_KEYS}), compiled.mesh)
@@ -171,15 +203,16 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
                     if done % config.train.log_every == 0 or done == total_steps:
                         train_lib.check_finite(state, config, rolling)
                         run_log.write(done, {k: float(v) for k, v in jax.device_get(step_metrics).items()})
-                    epoch_end = i + 1 == steps_per_epoch
-                    if epoch_end or (config.finetune.eval_every and done % config.finetune.eval_every == 0):
+                    epoch_end = i + 1 == epoch_steps
+                    if (epoch_end or (epoch == 0 and done in early_evals)
+                            or (config.finetune.eval_every and done % config.finetune.eval_every == 0)):
                         scores = evaluate(eval_step, state.params, data, config, compiled.mesh)
                         primary = scores[first_split][spec.primary_metric]
                         run_log.write(done, {"val_metric": primary, **{f"{s}/{m}": v for s, d in scores.items()
                                                                        for m, v in d.items()}})
                         if best is None or primary > best["primary"]:
                             train_lib.check_finite(state, config, rolling)
-                            best = {"primary": primary, "step": done, "epoch": done / steps_per_epoch, "dev": scores}
+                            best = {"primary": primary, "step": done, "epoch": done / epoch_steps, "dev": scores}
                             best_ckpt.save(done, state.params, {"step": state.step}, {**metadata, "best": best})
                     pause = done == config.train.stop_at
                     if done % config.checkpoint.every == 0 or epoch_end or stop.requested or pause:

@@ -49,8 +49,9 @@ class GPT1Config:
     embd_dropout: float = 0.1
     attn_dropout: float = 0.1
     resid_dropout: float = 0.1
-    # "table" drops entries of the embedding tables as the released code does; "hidden" drops the
-    # summed input embeddings as Hugging Face's OpenAIGPTModel does.
+    # "table" drops entries of the embedding tables once per step as the released code does, and the
+    # LM head then multiplies by the dropped table; "hidden" drops the summed input embeddings (and the
+    # head sees the clean table) as Hugging Face's OpenAIGPTModel does.
     embd_dropout_site: Literal["table", "hidden"] = "table"
     dtype: str = "float32"
     vocab_pad_multiple: int = 128
@@ -113,27 +114,16 @@ def gelu(x):
     return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def dropout(x, rate: float, key):
-    """Inverted dropout; identity when `key` is None (evaluation) or the rate is 0."""
+def dropout(x, rate: float, key, *, shared_axes: tuple[int, ...] = ()):
+    """Inverted dropout; identity when `key` is None (evaluation) or the rate is 0.
+
+    `shared_axes`: axes of `x` along which one mask is broadcast (TensorFlow's `noise_shape` with a 1 there).
+    """
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    shape = tuple(1 if axis in shared_axes else n for axis, n in enumerate(x.shape))
+    keep = jax.random.bernoulli(key, 1.0 - rate, shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def table_dropout(rows, ids, rate: float, key):
-    """Dropout on the entries of an embedding table, applied to the rows looked up at `ids`.
-
-    The released code drops entries of the whole table and then looks tokens up, so a token repeated
-    in the batch keeps one mask. Drawing each row's mask from `key` folded with its id gives the same
-    distribution while drawing batch x seq rows instead of the 40k-row table (and keeps a 40k x 768
-    mask out of the backward pass). rows [..., width], ids [...] int.
-    """
-    if rate == 0.0:
-        return rows
-    keep = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate, rows.shape[-1:]))(
-        ids.reshape(-1)).reshape(rows.shape)
-    return jnp.where(keep, rows / (1.0 - rate), jnp.zeros_like(rows))
 
 
 def _normal(rngs: nnx.Rngs, shape) -> nnx.Param:
@@ -248,19 +238,29 @@ class GPT1(nnx.Module):
         seq = tokens.shape[-1]
         if seq > cfg.n_ctx:
             raise ValueError(f"Sequence length {seq} exceeds model.n_ctx={cfg.n_ctx}.")
-        embd_key, layers_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        embd_key, layers_key = _embedding_and_layer_keys(dropout_key)
         hidden = self._embed(tokens, embd_key)  # [batch, seq, width]
         return self._run_blocks(hidden, layers_key)
 
+    def embedding_tables(self, embd_key=None):
+        """(token table [n_vocab_padded, width], position table [n_ctx, width]), float32, as the step sees them.
+
+        With `embd_dropout_site="table"` and a key, entries of both tables are dropped once for the
+        whole step, as the released code drops its single table `we` before every lookup: a token
+        repeated in the batch keeps one mask, and the tied LM head multiplies by the same dropped table.
+        """
+        cfg = self.config
+        token_table, pos_table = self.tokens_embed[...], self.positions_embed[...]
+        if cfg.embd_dropout_site == "table" and embd_key is not None:
+            tok_key, pos_key = jax.random.split(embd_key)
+            token_table = dropout(token_table, cfg.embd_dropout, tok_key)
+            pos_table = dropout(pos_table, cfg.embd_dropout, pos_key)
+        return token_table, pos_table
+
     def _embed(self, tokens, key):
         cfg = self.config
-        token_rows = jnp.take(self.tokens_embed[...], tokens, axis=0)  # [batch, seq, width]
-        pos_table = self.positions_embed[: tokens.shape[-1]]  # [seq, width]
-        if cfg.embd_dropout_site == "table" and key is not None:
-            tok_key, pos_key = jax.random.split(key)
-            token_rows = table_dropout(token_rows, tokens, cfg.embd_dropout, tok_key)
-            pos_table = dropout(pos_table, cfg.embd_dropout, pos_key)
-        hidden = token_rows + pos_table
+        token_table, pos_table = self.embedding_tables(key)
+        hidden = jnp.take(token_table, tokens, axis=0) + pos_table[: tokens.shape[-1]]  # [batch, seq, width]
         if cfg.embd_dropout_site == "hidden":
             hidden = dropout(hidden, cfg.embd_dropout, key)
         return hidden.astype(cfg.compute_dtype)
@@ -287,10 +287,28 @@ class GPT1(nnx.Module):
             hidden = layer(hidden, layer_state, None if keys is None else keys[i])
         return hidden
 
-    def logits(self, hidden):
-        """Tied LM head: hidden [..., width] -> float32 logits [..., n_vocab_padded], padding masked."""
-        table = self.tokens_embed[...].astype(hidden.dtype)
-        logits = jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
+    def head_table(self, *, dropout_key=None, position_rows: int = 0):
+        """The rows the tied LM head scores, float32 [n_vocab_padded + position_rows, width].
+
+        `dropout_key`: the key the forward pass took; with `embd_dropout_site="table"` the head then
+        multiplies by the same dropped table (the released code's `matmul(lm_h, we, transpose_b=True)`
+        after `we = dropout(we)`). `position_rows` > 0 appends the first that many position rows, as the
+        released fine-tuning code does: its `we` is [BPE | specials | positions], and the auxiliary LM
+        loss normalises over all of it.
+        """
+        embd_key, _ = _embedding_and_layer_keys(dropout_key)
+        token_table, pos_table = self.embedding_tables(embd_key)
+        if not position_rows:
+            return token_table
+        return jnp.concatenate([token_table, pos_table[:position_rows]])
+
+    def logits(self, hidden, table=None):
+        """Tied LM head: hidden [..., width] -> float32 logits [..., rows of `table`], padding rows masked.
+
+        `table`: what `head_table` returns; None is the clean token table (evaluation and generation).
+        """
+        table = self.tokens_embed[...] if table is None else table
+        logits = jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32)
         return mask_padded_logits(logits, self.config)
 
     def with_special_tokens(self, n_special: int, *, rngs: nnx.Rngs) -> "GPT1":
@@ -311,11 +329,20 @@ class GPT1(nnx.Module):
 
 
 def mask_padded_logits(logits, config: GPT1Config):
-    """Padding rows of the token table are never predicted."""
+    """Padding rows of the token table are never predicted; rows past them (positions) are kept."""
     if config.n_vocab_padded == config.n_vocab:
         return logits
-    valid = jnp.arange(config.n_vocab_padded) < config.n_vocab
+    rows = jnp.arange(logits.shape[-1])
+    valid = (rows < config.n_vocab) | (rows >= config.n_vocab_padded)
     return jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
+
+
+def _embedding_and_layer_keys(dropout_key):
+    """The forward pass's split of its dropout key: (embedding tables, blocks); (None, None) in evaluation."""
+    if dropout_key is None:
+        return None, None
+    embd_key, layers_key = jax.random.split(dropout_key)
+    return embd_key, layers_key
 
 
 def _token_table(rngs: nnx.Rngs, config: GPT1Config):
@@ -342,9 +369,13 @@ class ClassifierHead(nnx.Module):
         self.dropout_rate = dropout_rate
         self.dense = Dense(width, n_out, rngs=rngs)
 
-    def __call__(self, pooled, *, dropout_key=None):
-        """pooled [..., width] -> float32 outputs [..., n_out]."""
-        pooled = dropout(pooled.astype(jnp.float32), self.dropout_rate, dropout_key)
+    def __call__(self, pooled, *, dropout_key=None, shared_axes: tuple[int, ...] = ()):
+        """pooled [..., width] -> float32 outputs [..., n_out].
+
+        `shared_axes`: axes of `pooled` that share one dropout mask. The released code drops the
+        `[batch, choices, width]` states with noise shape `[batch, 1, width]`, one mask per example.
+        """
+        pooled = dropout(pooled.astype(jnp.float32), self.dropout_rate, dropout_key, shared_axes=shared_axes)
         return self.dense(pooled)
 
 

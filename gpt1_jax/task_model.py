@@ -10,7 +10,10 @@ How the `_classify_` hidden states of the rows meet W_y depends on the task kind
 - multiple choice: each row (context + answer k) scored to one logit, softmax over the rows.
 
 The objective is L3 = L2 + lambda * L1 (Sec. 3.2, Eq. 5): the task loss plus the language-model loss
-on the task's own text, which "improves generalization" and "accelerates convergence".
+on the task's own text, which "improves generalization" and "accelerates convergence". L1 is taken as
+the released code takes it (finetune-transformer-lm train.py `model`): the mean NLL of each row's real
+tokens, then the mean over rows, with the softmax over the whole dropped embedding table
+[BPE | specials | positions] unless `lm_softmax_rows="tokens"`.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ import optax
 from flax import nnx
 
 from gpt1_jax import tasks
-from gpt1_jax.losses import lm_loss_sum
+from gpt1_jax.losses import token_nll_of
 from gpt1_jax.model import GPT1, ClassifierHead, gather_positions
 
 N_SPECIAL = 3  # _start_, _delimiter_, _classify_ (Sec. 3.3)
 _PAIR_SUM = (tasks.SIMILARITY, tasks.REGRESSION_SIMILARITY)
+# Rows of the auxiliary LM softmax: "all" = the released code's whole table `we` (BPE, specials and the
+# run's position rows); "tokens" = BPE and specials only, 512 fewer rows for GPT-1 at full context.
+LM_SOFTMAX_ROWS = ("all", "tokens")
 
 
 class TaskModel(nnx.Module):
@@ -50,13 +56,14 @@ class TaskModel(nnx.Module):
         hidden: [batch, rows, seq, width], the last layer's states (for the auxiliary LM loss).
         """
         batch, rows, seq = tokens.shape
-        body_key, head_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        body_key, head_key = _body_and_head_keys(dropout_key)
         hidden = self.backbone(tokens.reshape(batch * rows, seq), dropout_key=body_key)  # [batch*rows, seq, width]
         pooled = gather_positions(hidden, classify_positions.reshape(batch * rows))  # [batch*rows, width]
         pooled = pooled.reshape(batch, rows, -1)  # [batch, rows, width]
         hidden = hidden.reshape(batch, rows, seq, -1)
         if self.kind == tasks.MULTIPLE_CHOICE:
-            return self.head(pooled, dropout_key=head_key)[..., 0], hidden  # [batch, rows]
+            # One dropout mask per example, shared by its answers (the release's noise shape [batch, 1, width]).
+            return self.head(pooled, dropout_key=head_key, shared_axes=(1,))[..., 0], hidden  # [batch, rows]
         if self.kind in _PAIR_SUM:
             pooled = pooled.sum(axis=1)  # [batch, width]: both orders added (Sec. 3.3)
         else:
@@ -64,13 +71,40 @@ class TaskModel(nnx.Module):
         outputs = self.head(pooled, dropout_key=head_key)  # [batch, n_out]
         return (outputs[:, 0] if self.kind == tasks.REGRESSION_SIMILARITY else outputs), hidden
 
+    def row_lm_losses(self, hidden, tokens, mask, *, dropout_key=None, softmax_rows: str = "all", chunk: int = 0):
+        """L1 of every row, float32 [batch, rows]: the mean NLL of its real next tokens (0 for an empty row).
 
-def task_loss(model: TaskModel, batch: dict, key, *, lm_coef: float, loss_chunk: int = 0):
+        hidden [batch, rows, seq, width] from `__call__` with the same `dropout_key`; tokens, mask
+        [batch, rows, seq]. Position t predicts token t + 1, counted where mask[t + 1] is 1.
+        """
+        if softmax_rows not in LM_SOFTMAX_ROWS:
+            raise ValueError(f"finetune.lm_softmax_rows={softmax_rows!r}; choose one of {LM_SOFTMAX_ROWS}.")
+        batch, rows, seq, width = hidden.shape
+        body_key, _ = _body_and_head_keys(dropout_key)
+        table = self.backbone.head_table(dropout_key=body_key, position_rows=seq if softmax_rows == "all" else 0)
+        nll = token_nll_of(self.backbone, hidden[:, :, :-1].reshape(-1, seq - 1, width),
+                           tokens[:, :, 1:].reshape(-1, seq - 1), table=table, chunk=chunk)  # [batch*rows, seq-1]
+        targets = mask[:, :, 1:].reshape(-1, seq - 1).astype(jnp.float32)
+        per_row = jnp.sum(nll * targets, axis=-1) / jnp.maximum(jnp.sum(targets, axis=-1), 1.0)
+        return per_row.reshape(batch, rows)
+
+
+def _body_and_head_keys(dropout_key):
+    """The task model's split of its dropout key: (backbone, classifier head); (None, None) in evaluation."""
+    if dropout_key is None:
+        return None, None
+    body_key, head_key = jax.random.split(dropout_key)
+    return body_key, head_key
+
+
+def task_loss(model: TaskModel, batch: dict, key, *, lm_coef: float, lm_softmax_rows: str = "all",
+              loss_chunk: int = 0):
     """(L3, {"task_loss": L2, "lm_loss": L1}) over the real examples of `batch` (weights > 0).
 
-    L2 is the mean cross-entropy (squared error for regression) over real examples; L1 the mean
-    next-token NLL over real tokens of every row, the targets weighted by the mask so padding never
-    counts. `lm_coef` = 0 skips L1 and its 40k-way softmax entirely (the "no auxiliary loss" ablation).
+    As the released code: L2 is the mean cross-entropy (squared error for regression) over examples;
+    L1 the mean over rows of each row's mean next-token NLL (`TaskModel.row_lm_losses`), over the rows
+    that hold tokens, so batch padding counts in neither. `lm_coef` = 0 skips L1 and its 40k-way softmax
+    entirely (the "no auxiliary loss" ablation).
     """
     outputs, hidden = model(batch["tokens"], batch["classify_positions"], dropout_key=key)
     weights = batch["weights"]  # [batch]
@@ -81,18 +115,11 @@ def task_loss(model: TaskModel, batch: dict, key, *, lm_coef: float, loss_chunk:
     task = jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
     if lm_coef == 0.0:
         return task, {"task_loss": task, "lm_loss": jnp.zeros((), jnp.float32)}
-    lm = lm_loss(model.backbone, hidden, batch["tokens"], batch["mask"], chunk=loss_chunk)
+    per_row = model.row_lm_losses(hidden, batch["tokens"], batch["mask"], dropout_key=key,
+                                  softmax_rows=lm_softmax_rows, chunk=loss_chunk)  # [batch, rows]
+    real_rows = (jnp.sum(batch["mask"][:, :, 1:], axis=-1) > 0).astype(jnp.float32)  # [batch, rows]
+    lm = jnp.sum(per_row * real_rows) / jnp.maximum(jnp.sum(real_rows), 1.0)
     return task + lm_coef * lm, {"task_loss": task, "lm_loss": lm}
-
-
-def lm_loss(backbone: GPT1, hidden, tokens, mask, *, chunk: int = 0):
-    """L1 on the task's text: hidden [batch, rows, seq, width] predicts tokens[..., 1:], weighted by mask[..., 1:]."""
-    width = hidden.shape[-1]
-    seq = tokens.shape[-1]
-    total, count = lm_loss_sum(backbone, hidden[:, :, :-1].reshape(-1, seq - 1, width),
-                               tokens[:, :, 1:].reshape(-1, seq - 1), mask[:, :, 1:].reshape(-1, seq - 1),
-                               chunk=chunk)
-    return total / jnp.maximum(count, 1.0)
 
 
 def predictions(kind: str, outputs):

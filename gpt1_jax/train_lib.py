@@ -105,7 +105,8 @@ def make_lm_train_step(graphdef, optimizer, schedule, config: ConfigDict):
     def loss_fn(params, tokens, key):
         model = nnx.merge(graphdef, params)
         hidden = model(tokens[:, :-1], dropout_key=key)  # [batch, n_ctx, width]
-        total, count = lm_loss_sum(model, hidden, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape), chunk=chunk)
+        total, count = lm_loss_sum(model, hidden, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape),
+                                   table=model.head_table(dropout_key=key), chunk=chunk)
         return total / count, None
 
     def train_step(state: TrainState, tokens):

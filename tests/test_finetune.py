@@ -85,6 +85,42 @@ def test_lm_loss_ignores_padding_tokens():
     assert float(changed_loss) != pytest.approx(float(loss), abs=1e-4)
 
 
+def test_classifier_dropout_mask_is_shared_by_the_choices():
+    """The release drops the [batch, choices, width] states with noise shape [batch, 1, width]."""
+    rngs = nnx.Rngs(0)
+    cfg = TINY.replace(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
+    model = TaskModel(GPT1(cfg, rngs=rngs), tasks.MULTIPLE_CHOICE, 1, clf_dropout=0.5, rngs=rngs)
+    tokens = jax.random.randint(jax.random.key(0), (4, 3, 10), 0, 40478)  # [batch, answers, seq]
+    graphdef, state = nnx.split(model)
+
+    def logits(kernel):  # d logit[b, k] / d W_y = the dropped state of answer k
+        state["head"]["dense"]["kernel"] = nnx.Param(kernel)
+        return nnx.merge(graphdef, state)(tokens, jnp.full((4, 3), 9), dropout_key=jax.random.key(1))[0]
+
+    kept = np.asarray(jax.jacobian(logits)(model.head.dense.kernel[...]))[..., 0] != 0  # [batch, answers, width]
+    assert 0.3 < kept.mean() < 0.7
+    assert (kept == kept[:, :1]).all()  # every answer of an example keeps the same features
+    assert not (kept == kept[:1]).all()  # and examples differ
+
+
+@pytest.mark.parametrize("site, zero_fraction", [("table", 0.1), ("hidden", 0.0)])
+def test_lm_head_multiplies_by_the_dropped_embedding_table(site, zero_fraction):
+    """The release drops entries of `we` once per step, looks tokens up in it and scores the LM loss
+    against it: a table entry that is dropped gets exactly zero gradient, whether its row is in the
+    batch (the lookup and the head share the mask) or not (the head alone)."""
+    rngs = nnx.Rngs(0)
+    cfg = TINY.replace(embd_dropout=0.1, attn_dropout=0.0, resid_dropout=0.0, embd_dropout_site=site)
+    model = TaskModel(GPT1(cfg, rngs=rngs), tasks.CLASSIFICATION, 2, clf_dropout=0.0, rngs=rngs)
+    tokens = np.random.default_rng(0).integers(0, 200, (4, 1, 16)).astype(np.int32)
+    batch = {"tokens": tokens, "mask": np.ones(tokens.shape, np.float32), "labels": np.array([0, 1, 0, 1]),
+             "classify_positions": np.full((4, 1), 15), "weights": np.ones(4, np.float32)}
+    grads = nnx.grad(lambda m: task_loss(m, batch, jax.random.key(3), lm_coef=0.5)[0])(model)
+    table = np.asarray(grads["backbone"]["tokens_embed"][...])[:TINY.n_vocab]  # [rows, width]
+    present = np.isin(np.arange(TINY.n_vocab), tokens)
+    assert np.mean(table[~present] == 0) == pytest.approx(zero_fraction, abs=0.005)
+    assert np.mean(table[present] == 0) == pytest.approx(zero_fraction, abs=0.03)
+
+
 # ---------------------------------------------------------------- starting points
 
 
