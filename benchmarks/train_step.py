@@ -1,10 +1,11 @@
 """How fast is our jit-compiled train step, compared with transformers' PyTorch GPT-1 on the same CPU?
 
 Both sides do the same update on the same batch: forward with the LM loss (objective L1, Sec. 3.1),
-backward, global-norm clipping at 1.0 and AdamW (0.9, 0.999, 1e-8, decay 0.01 on matrices only),
-dropout 0.1 in train mode, float32. Ours is the real step (`train_lib.compile_run` +
-`make_lm_train_step` with `optim.make_optimizer`); the reference is `OpenAIGPTLMHeadModel` in eager
-PyTorch with `torch.optim.AdamW`.
+backward, global-norm clipping at 1.0 and Adam with decoupled decay (0.9, 0.999, 1e-8, decay 0.01 on
+matrices only), dropout 0.1 in train mode, float32. Ours is the real step (`train_lib.compile_run` +
+`make_lm_train_step` with `optim.make_optimizer`, whose default is the released code's Adam: the same
+element-wise work as AdamW); the reference is `OpenAIGPTLMHeadModel` in eager PyTorch with
+`torch.optim.AdamW`.
 
 Each framework runs in its own subprocess (so peak host memory, ru_maxrss, is its own). After
 set-up and warm-up the parent alternates the two processes round by round, so background load on a
@@ -26,16 +27,16 @@ import json
 import os
 import pathlib
 import platform
-import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
+from doc_section import write_section
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # gpt1_jax and configs/ without an install
-DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Train step (CPU)"
 # name: (model overrides, batch, n_ctx, loss_chunk); all use the full 40,478-token vocabulary.
 CONFIGS = {
@@ -230,17 +231,6 @@ def render(results: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Replace this section's generated part of docs/benchmarks.md (up to the next heading), keeping the rest."""
-    doc = DOC.read_text()
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^##+ |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text + "\n", doc, count=1)
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="full,small,tiny")
@@ -263,7 +253,7 @@ def main() -> None:
     text = render(results, args)
     print(text)
     if not args.no_doc:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":
