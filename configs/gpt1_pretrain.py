@@ -3,6 +3,11 @@
 Warm-up over 2,000 updates then cosine annealing to 0. The paper trains for 100 epochs of
 BooksCorpus (~1B tokens, 32,768 tokens per batch: about 3M updates); BooksCorpus is not public,
 so the default corpus is PG-19 books from TFDS, or the local books under $GPT1_JAX_DATA.
+
+The optimizer is the released code's Adam (`optimizer.kind="released"`, from configs/common.py): the
+pre-training code was not released, but the paper's "modified version of L2 regularization" cites
+Loshchilov & Hutter, and the released opt.py ("adam with weight decay fix") is OpenAI's implementation of
+it. `--config.optimizer.kind=adamw` trains with optax.adamw instead.
 """
 
 from configs.common import base_config, has_local_data

@@ -60,7 +60,7 @@ def read_split(spec: tasks.TaskSpec, split: str, config: ConfigDict) -> list[Exa
         raise ConfigError(f"{err}. Put the file there, or use --config.data.task_source=tfds.") from err
 
 
-def _train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Example], dict[str, list[Example]]]:
+def train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Example], dict[str, list[Example]]]:
     """Story Cloze has no training split: as the released code does, train on the validation set less a
     held-out part (`finetune.heldout_examples`, 374 in the released code) that stands in as "validation".
 
@@ -86,7 +86,7 @@ def _train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Exa
 
 
 def load(config: ConfigDict, spec: tasks.TaskSpec, n_ctx: int) -> TaskData:
-    train, evals = _train_and_evals(spec, config)
+    train, evals = train_and_evals(spec, config)
     cap = config.finetune.max_train_examples
     if cap:
         order = np.random.default_rng(config.seed).permutation(len(train))[:cap]

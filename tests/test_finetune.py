@@ -195,6 +195,38 @@ def test_missing_training_file_names_it(data_root, monkeypatch):
         finetune_data.read_split(tasks.get_task("snli"), "train", config)
 
 
+def test_story_cloze_holds_out_the_released_codes_374_stories(data_root, monkeypatch):
+    """datasets.py: train_test_split(..., test_size=374, random_state=3535999445) over the validation file."""
+    train_test_split = pytest.importorskip("sklearn.model_selection").train_test_split
+    monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
+    config, spec = tiny_config(""), tasks.get_task("story_cloze")
+    train, evals = finetune_data.train_and_evals(spec, config)
+    stories = [ex.uid for ex in finetune_data.read_split(spec, "validation", config)]
+    released_train, released_dev = train_test_split(stories, test_size=374, random_state=3535999445)
+    assert [ex.uid for ex in evals["validation"]] == released_dev
+    assert [ex.uid for ex in train] == released_train and len(train) == 1497
+
+
+def test_an_epoch_drops_its_last_partial_batch():
+    """train.py: iter_data(..., truncate=True) and n_updates_total = (n_train // n_batch) * n_iter."""
+    config = tiny_config("")
+    config.train.batch_size = 16
+    assert finetune_lib.steps_per_epoch(47, config) == 2
+    with pytest.raises(ConfigError, match="train.batch_size=16 exceeds the 9 training examples"):
+        finetune_lib.steps_per_epoch(9, config)
+
+
+def test_bad_eval_at_and_lm_softmax_rows_are_config_errors():
+    config = tiny_config("")
+    config.finetune.eval_at = "1000,2k"
+    with pytest.raises(ConfigError, match="finetune.eval_at='1000,2k'"):
+        finetune_lib.check_config(config)
+    config = tiny_config("")
+    config.finetune.lm_softmax_rows = "positions"
+    with pytest.raises(ConfigError, match="finetune.lm_softmax_rows='positions'.*'all'.*'tokens'"):
+        finetune_lib.check_config(config)
+
+
 # ---------------------------------------------------------------- the loop and its outputs
 
 
