@@ -2,10 +2,9 @@
 
 Generation runs one jit-compiled prefill over the prompt and then one jit-compiled decode step per
 new token. Each step feeds only the newest token: the keys and values of earlier positions are read
-from a fixed-size cache [layers, batch, n_ctx, heads, head_dim] written with `dynamic_update_slice`,
-so a step costs O(n_ctx) instead of recomputing the whole prefix. The cached forward reuses the
-model's own stacked block parameters and sub-modules (Dense, LayerNorm, MLP), so it computes the
-same function as `GPT1.__call__` in evaluation mode.
+from the model's fixed-size cache [layers, batch, n_ctx, heads, head_dim] (`GPT1.init_cache`), so a
+step costs O(n_ctx) instead of recomputing the whole prefix. The forward is `GPT1.__call__` itself,
+given the cache, so decoding computes the same function as training and scoring in evaluation mode.
 
 `score_continuations` gives the log-probability of candidate continuations of a context, the
 quantity the zero-shot probes of Sec. 5 compare (`gpt1_jax.zeroshot`).
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -28,65 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.model import GPT1
 
 # Rows per forward pass when scoring; a fixed batch keeps the number of compilations small.
 SCORE_BATCH = 16
 MIN_SCORE_LENGTH = 16
-
-
-# ---------------------------------------------------------------- the cached forward pass
-
-
-def init_cache(config: GPT1Config, batch: int) -> tuple[jax.Array, jax.Array]:
-    """Zeroed keys and values, each [layers, batch, n_ctx, heads, head_dim] in the compute dtype."""
-    shape = (config.n_layer, batch, config.n_ctx, config.n_head, config.head_dim)
-    return jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype)
-
-
-def _cached_attention(attn, x, k_cache, v_cache, start):
-    """Causal self-attention of x [batch, seq, width] at positions start.. over one layer's cache.
-
-    The new keys/values are written into the cache at `start`; query i attends to cache positions
-    <= start + i, which masks both the future and the unwritten (zero) rows.
-    """
-    cfg = attn.config
-    batch, seq, _ = x.shape
-    q, k, v = jnp.split(attn.qkv(x), 3, axis=-1)  # 3 x [batch, seq, width]
-    q, k, v = (t.reshape(batch, seq, cfg.n_head, cfg.head_dim) for t in (q, k, v))
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_cache).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-    query_pos = start + jnp.arange(seq)  # [seq]
-    visible = jnp.arange(cfg.n_ctx)[None, :] <= query_pos[:, None]  # [seq, n_ctx]
-    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, head, seq, n_ctx]
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v_cache).reshape(batch, seq, cfg.width)
-    return attn.proj(out), k_cache, v_cache
-
-
-def forward_cached(model: GPT1, tokens, cache, start):
-    """tokens [batch, seq] at positions start..start+seq-1 -> (logits [batch, seq, vocab], new cache).
-
-    The post-LN block of the released code, n = LN1(x + attn(x)); h = LN2(n + mlp(n)), run over the
-    layer-stacked parameters with `lax.scan`, carrying each layer's slice of the cache.
-    """
-    cfg = model.config
-    seq = tokens.shape[-1]
-    token_rows = jnp.take(model.tokens_embed[...], tokens, axis=0)  # [batch, seq, width]
-    positions = jax.lax.dynamic_slice_in_dim(model.positions_embed[...], start, seq)  # [seq, width]
-    hidden = (token_rows + positions).astype(cfg.compute_dtype)
-    graphdef, block_state = nnx.split(model.blocks)
-
-    def layer(h, xs):
-        layer_state, k_cache, v_cache = xs
-        block = nnx.merge(graphdef, layer_state)
-        a, k_cache, v_cache = _cached_attention(block.attn, h, k_cache, v_cache, start)
-        n = block.ln_1(h + a)
-        return block.ln_2(n + block.mlp(n)), (k_cache, v_cache)
-
-    hidden, cache = jax.lax.scan(layer, hidden, (block_state, *cache))
-    return model.logits(hidden), cache
 
 
 # ---------------------------------------------------------------- sampling
@@ -125,25 +69,24 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, 
         raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
 
 
+def _next_token(model: GPT1, tokens, cache, start, key, sampling: dict):
+    """tokens [batch, seq] at positions start.. through the cached forward -> (next token [batch], cache)."""
+    hidden, cache = model(tokens, cache=cache, start=start)  # [batch, seq, width]
+    return sample_logits(model.logits(hidden[:, -1]), key, **sampling), cache
+
+
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("greedy", "temperature", "top_k", "top_p"))
-def _prefill(graphdef, state, tokens, key, *, greedy, temperature, top_k, top_p):
-    """Whole prompt at once: fills the cache and samples the first new token."""
+def _prefill(graphdef, state, tokens, key, **sampling):
+    """Whole prompt at once: fills a fresh cache and samples the first new token."""
     model = nnx.merge(graphdef, state)
-    cache = init_cache(model.config, tokens.shape[0])
-    logits, cache = forward_cached(model, tokens, cache, 0)
-    token = sample_logits(logits[:, -1], key, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
-    return token, cache
+    return _next_token(model, tokens, model.init_cache(tokens.shape[0]), 0, key, sampling)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("greedy", "temperature", "top_k", "top_p"),
                    donate_argnums=(2,))
-def _decode_step(graphdef, state, cache, token, position, key, *, greedy, temperature, top_k, top_p):
+def _decode_step(graphdef, state, cache, token, position, key, **sampling):
     """One new token: token [batch] at `position` -> (the next token [batch], updated cache)."""
-    model = nnx.merge(graphdef, state)
-    logits, cache = forward_cached(model, token[:, None], cache, position)
-    next_token = sample_logits(logits[:, -1], key, greedy=greedy, temperature=temperature, top_k=top_k,
-                               top_p=top_p)
-    return next_token, cache
+    return _next_token(nnx.merge(graphdef, state), token[:, None], cache, position, key, sampling)
 
 
 def generate(model: GPT1, prompt_ids, *, max_new_tokens: int, key: jax.Array | None = None, greedy: bool = False,

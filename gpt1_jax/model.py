@@ -3,7 +3,8 @@
 Post-LayerNorm decoder blocks, tanh-GELU, fused QKV, learned positions, LM head tied to the
 token embedding and no final LayerNorm. Parameters are float32; `GPT1Config.dtype` sets the
 compute dtype. The blocks' parameters are stacked on a leading layer axis and run with
-`jax.lax.scan`, so compile time does not grow with depth.
+`jax.lax.scan`, so compile time does not grow with depth. Decoding runs this same forward with
+an optional key/value cache threaded through the blocks and attention (`GPT1.init_cache`).
 
 Dropout keys are passed explicitly (`dropout_key=None` means evaluation mode), which keeps the
 model's state equal to its parameters: nothing but weights travels through `nnx.split`.
@@ -162,33 +163,41 @@ class CausalSelfAttention(nnx.Module):
         self.qkv = Dense(config.width, 3 * config.width, rngs=rngs)
         self.proj = Dense(config.width, config.width, rngs=rngs)
 
-    def __call__(self, x, attn_key=None, resid_key=None):
+    def __call__(self, x, attn_key=None, resid_key=None, *, cache=None, start=0):
+        """x [batch, seq, width] at positions start..start+seq-1 -> (out [batch, seq, width], cache or None).
+
+        `cache`: this layer's (keys, values), each [batch, n_ctx, heads, head_dim]. The new keys and values
+        are written at `start` and the queries read every earlier position from it, as decoding needs.
+        """
         cfg = self.config
         batch, seq, _ = x.shape
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)  # 3 x [batch, seq, width]
         q, k, v = (t.reshape(batch, seq, cfg.n_head, cfg.head_dim) for t in (q, k, v))
-        if self._use_fast_path(attn_key):
+        if cache is not None:  # keys and values become [batch, n_ctx, heads, head_dim]
+            k, v = (jax.lax.dynamic_update_slice(c, t.astype(c.dtype), (0, start, 0, 0)) for c, t in zip(cache, (k, v)))
+            cache = (k, v)
+        if cache is None and self._use_fast_path(attn_key):
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         else:
-            out = self._faithful_attention(q, k, v, attn_key)
+            out = self._masked_attention(q, k, v, 0 if cache is None else start, attn_key)
         out = out.reshape(batch, seq, cfg.width)  # [batch, seq, width]
-        return dropout(self.proj(out), cfg.resid_dropout, resid_key)
+        return dropout(self.proj(out), cfg.resid_dropout, resid_key), cache
 
     def _use_fast_path(self, attn_key) -> bool:
-        if self.config.attention == "fast":
-            return True
-        if self.config.attention == "faithful":
-            return False
-        return attn_key is None or self.config.attn_dropout == 0.0
+        mode = self.config.attention
+        return mode == "fast" or (mode == "auto" and (attn_key is None or self.config.attn_dropout == 0.0))
 
-    def _faithful_attention(self, q, k, v, attn_key):
-        """Softmax(QK^T / sqrt(d)) with the causal mask and dropout on the probabilities."""
+    def _masked_attention(self, q, k, v, offset, attn_key):
+        """Softmax(QK^T / sqrt(d)), causal, with dropout on the probabilities (the released code's `attn`).
+
+        Query i of q [batch, q, heads, head_dim] sees keys <= offset + i of k, v [batch, k, heads, head_dim];
+        with a cache, offset = start, which also hides the rows not written yet.
+        """
         cfg = self.config
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-        seq = q.shape[1]
-        causal = jnp.tril(jnp.ones((seq, seq), bool))
+        causal = jnp.arange(k.shape[1])[None, :] <= offset + jnp.arange(q.shape[1])[:, None]  # [q, k]
         scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, head, q, k]
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [batch, heads, q, k]
         probs = dropout(probs, cfg.attn_dropout, attn_key)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
@@ -212,10 +221,12 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
         self.ln_2 = LayerNorm(config.width)
 
-    def __call__(self, x, key=None):
+    def __call__(self, x, key=None, *, cache=None, start=0):
+        """x [batch, seq, width] -> (h [batch, seq, width], this layer's cache as the attention returns it)."""
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
-        n = self.ln_1(x + self.attn(x, attn_key=keys[0], resid_key=keys[1]))
-        return self.ln_2(n + self.mlp(n, resid_key=keys[2]))
+        a, cache = self.attn(x, attn_key=keys[0], resid_key=keys[1], cache=cache, start=start)
+        n = self.ln_1(x + a)
+        return self.ln_2(n + self.mlp(n, resid_key=keys[2])), cache
 
 
 class GPT1(nnx.Module):
@@ -232,15 +243,27 @@ class GPT1(nnx.Module):
         self.positions_embed = _normal(rngs, (config.n_ctx, config.width))
         self.blocks = _stacked_blocks(config, rngs)
 
-    def __call__(self, tokens, *, dropout_key=None):
-        """tokens [batch, seq] int -> last hidden states [batch, seq, width] in the compute dtype."""
+    def __call__(self, tokens, *, dropout_key=None, cache=None, start=0):
+        """tokens [batch, seq] int at positions start..start+seq-1 -> hidden [batch, seq, width], compute dtype.
+
+        `cache`: None (training, scoring), or the (keys, values) of `init_cache`, each [n_layer, batch, n_ctx,
+        heads, head_dim], holding positions 0..start-1; the call then writes the tokens' keys and values at
+        `start` and returns (hidden, updated cache), so decoding feeds only the newest token.
+        """
         cfg = self.config
         seq = tokens.shape[-1]
         if seq > cfg.n_ctx:
             raise ValueError(f"Sequence length {seq} exceeds model.n_ctx={cfg.n_ctx}.")
         embd_key, layers_key = _embedding_and_layer_keys(dropout_key)
-        hidden = self._embed(tokens, embd_key)  # [batch, seq, width]
-        return self._run_blocks(hidden, layers_key)
+        hidden = self._embed(tokens, embd_key, start)  # [batch, seq, width]
+        hidden, cache = self._run_blocks(hidden, layers_key, cache, start)
+        return hidden if cache is None else (hidden, cache)
+
+    def init_cache(self, batch: int) -> tuple[jax.Array, jax.Array]:
+        """Zeroed (keys, values) for `__call__`, each [n_layer, batch, n_ctx, heads, head_dim] in the compute dtype."""
+        cfg = self.config
+        shape = (cfg.n_layer, batch, cfg.n_ctx, cfg.n_head, cfg.head_dim)
+        return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
 
     def embedding_tables(self, embd_key=None):
         """(token table [n_vocab_padded, width], position table [n_ctx, width]), float32, as the step sees them.
@@ -257,35 +280,33 @@ class GPT1(nnx.Module):
             pos_table = dropout(pos_table, cfg.embd_dropout, pos_key)
         return token_table, pos_table
 
-    def _embed(self, tokens, key):
+    def _embed(self, tokens, key, start=0):
         cfg = self.config
         token_table, pos_table = self.embedding_tables(key)
-        hidden = jnp.take(token_table, tokens, axis=0) + pos_table[: tokens.shape[-1]]  # [batch, seq, width]
+        positions = jax.lax.dynamic_slice_in_dim(pos_table, start, tokens.shape[-1])  # [seq, width]
+        hidden = jnp.take(token_table, tokens, axis=0) + positions  # [batch, seq, width]
         if cfg.embd_dropout_site == "hidden":
             hidden = dropout(hidden, cfg.embd_dropout, key)
         return hidden.astype(cfg.compute_dtype)
 
-    def _run_blocks(self, hidden, key):
+    def _run_blocks(self, hidden, key, cache, start):
+        """The layers in turn, each with its slice of the dropout keys and of the cache: (hidden, cache)."""
         cfg = self.config
         graphdef, state = nnx.split(self.blocks)
         keys = None if key is None else jax.random.split(key, cfg.n_layer)
 
-        def layer(h, layer_state, layer_key):
-            return nnx.merge(graphdef, layer_state)(h, layer_key)
+        def layer(h, layer_state, layer_key, layer_cache):
+            return nnx.merge(graphdef, layer_state)(h, layer_key, cache=layer_cache, start=start)
 
-        policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=policy)
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
         if cfg.scan_layers:
-            def body(h, xs):
-                return layer(h, *xs), None
-
-            hidden, _ = jax.lax.scan(body, hidden, (state, keys))
-            return hidden
+            return jax.lax.scan(lambda h, xs: layer(h, *xs), hidden, (state, keys, cache))
+        caches = []
         for i in range(cfg.n_layer):
-            layer_state = jax.tree.map(lambda a: a[i], state)
-            hidden = layer(hidden, layer_state, None if keys is None else keys[i])
-        return hidden
+            hidden, layer_cache = layer(hidden, *jax.tree.map(lambda a: a[i], (state, keys, cache)))
+            caches.append(layer_cache)
+        return hidden, jax.tree.map(lambda *layers: jnp.stack(layers), *caches)
 
     def head_table(self, *, dropout_key=None, position_rows: int = 0):
         """The rows the tied LM head scores, float32 [n_vocab_padded + position_rows, width].

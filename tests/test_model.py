@@ -43,6 +43,20 @@ def test_scanned_and_unrolled_layers_give_the_same_output():
     np.testing.assert_allclose(scanned(x, dropout_key=key), unrolled(x, dropout_key=key), atol=1e-6)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cached_forward_equals_one_uncached_pass(scan_layers):
+    """A prefill of the prompt, then one token at a time through the key/value cache, gives the
+    hidden states of a single uncached pass over the whole sequence."""
+    model = GPT1(TINY.replace(scan_layers=scan_layers), rngs=nnx.Rngs(0))
+    x = tokens(seq=12)
+    hidden, cache = model(x[:, :8], cache=model.init_cache(2))
+    steps = [hidden]  # [batch, 8, width], then [batch, 1, width] per step
+    for t in range(8, 12):
+        hidden, cache = model(x[:, t:t + 1], cache=cache, start=t)
+        steps.append(hidden)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), model(x), atol=1e-5)
+
+
 def test_remat_does_not_change_outputs_or_gradients():
     model = GPT1(TINY, rngs=nnx.Rngs(0))
     remat = model_from_params(TINY.replace(remat="full"), params_of(model))
