@@ -215,6 +215,8 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
                             best = {"primary": primary, "step": done, "epoch": done / epoch_steps, "dev": scores}
                             best_ckpt.save(done, state.params, {"step": state.step}, {**metadata, "best": best})
                     pause = done == config.train.stop_at
+                    if jax.process_count() > 1 and rolling.reached_preemption(done):
+                        stop.request("preemption notice")
                     if done % config.checkpoint.every == 0 or epoch_end or stop.requested or pause:
                         train_lib.check_finite(state, config, rolling)
                         rolling.save(done, state.params, state.rest(), metadata)

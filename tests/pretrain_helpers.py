@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 from ml_collections import ConfigDict
@@ -72,6 +73,18 @@ def run_train_py(config: ConfigDict, workdir, *, devices: int = 1, env: dict | N
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def wait_for_step(workdir: pathlib.Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll the run's metrics.jsonl until `step` is logged; fail if the process ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (workdir / "metrics.jsonl").exists() and any(m["step"] >= step for m in read_metrics(workdir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py ended early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
 def losses(workdir) -> dict[int, float]:

@@ -1,7 +1,11 @@
 """Fine-tuning (Sec. 3.2-3.3): the task model, the starting points, the loop's outputs and the central result."""
 
 import json
+import os
 import pathlib
+import signal
+import socket
+import subprocess
 import sys
 
 import jax
@@ -15,6 +19,7 @@ from gpt1_jax.config_check import ConfigError
 from gpt1_jax.model import GPT1, GPT1Config
 from gpt1_jax.run_log import read_metrics
 from gpt1_jax.task_model import TaskModel, task_loss
+from pretrain_helpers import REPO, losses, wait_for_step
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import finetune as finetune_recipe  # noqa: E402
@@ -248,6 +253,52 @@ def test_resumed_run_writes_results_and_glue_predictions(pretrained, tmp_path, d
     assert lines[0] == "index\tprediction" and len(lines) == 1 + 1821
     assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
     assert checkpoint.latest_step(tmp_path / "best") == 4
+
+
+def launch_two_process_finetuning(workdir: pathlib.Path, data_root: pathlib.Path) -> list[subprocess.Popen]:
+    """configs/finetune.py:tiny from scratch, 3 epochs of 20 steps, as 2 processes on localhost."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, str(REPO / "train.py"), "--config", f"{REPO / 'configs' / 'finetune.py'}:tiny",
+               "--workdir", str(workdir), "--config.init=", "--config.data.task_source=local",
+               "--config.finetune.epochs=3", "--config.finetune.eval_at=", "--config.train.log_every=1",
+               "--config.checkpoint.async_save=False"]
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "GPT1_JAX_DATA": str(data_root), "GPT1_JAX_COORDINATOR": f"127.0.0.1:{port}",
+               "GPT1_JAX_NUM_PROCESSES": "2", "GPT1_JAX_PROCESS_ID": str(index)}
+        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen]) -> list[str]:
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_process_finetuning_saves_on_a_preemption_notice_and_resumes_bit_for_bit(tmp_path, data_root):
+    """A SIGTERM reaches one host of a slice; JAX's coordination service has every process stop at the
+    same step (`reached_preemption`), save it together and exit 0, and the rerun continues as if never
+    stopped."""
+    finish(launch_two_process_finetuning(tmp_path / "straight", data_root))
+    preempted = tmp_path / "preempted"
+    procs = launch_two_process_finetuning(preempted, data_root)
+    wait_for_step(preempted, 3, procs[0])
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = finish(procs)
+    saved = checkpoint.TrainCheckpointer(preempted / "checkpoints", keep=3).steps()
+    assert saved and saved[-1] < 60 and not (preempted / "results.json").exists()
+    assert f"preemption notice at step {saved[-1]}" in outputs[0]
+    finish(launch_two_process_finetuning(preempted, data_root))
+    assert losses(preempted) == losses(tmp_path / "straight") and len(losses(preempted)) == 60
+    for name in ("results.json", "predictions/SST-2.tsv"):
+        got, want = (preempted / name).read_text(), (tmp_path / "straight" / name).read_text()
+        assert got.replace(str(preempted), "") == want.replace(str(tmp_path / "straight"), ""), name
 
 
 # ---------------------------------------------------------------- the central result

@@ -14,7 +14,8 @@ import pytest
 
 from gpt1_jax import checkpoint, train_lib
 from gpt1_jax.run_log import read_metrics
-from pretrain_helpers import REPO, assert_trees_equal, final_params, losses, run_train_py, tiny_config, train_py_command
+from pretrain_helpers import (REPO, assert_trees_equal, final_params, losses, run_train_py, tiny_config, train_py_command,
+                              wait_for_step)
 
 pytestmark = pytest.mark.slow
 
@@ -22,17 +23,6 @@ pytestmark = pytest.mark.slow
 def start_train_py(config, workdir) -> subprocess.Popen:
     return subprocess.Popen(train_py_command(config, workdir), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for_step(workdir: pathlib.Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (workdir / "metrics.jsonl").exists() and any(m["step"] >= step for m in read_metrics(workdir)):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"train.py ended early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
 def test_kill_9_at_three_random_points_then_resume_is_bitwise_equal(tmp_path, token_cache_dir):
