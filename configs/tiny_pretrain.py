@@ -6,6 +6,12 @@ with an output that ignores its input (the unigram plateau), and at any step siz
 there for hundreds of steps; with less momentum (b1 0.5, b2 0.9), a step of 3e-3 and no warm-up it
 leaves the plateau within ~100 steps and halves the unigram perplexity by step 300
 (docs/benchmarks.md). It cannot overfit 500k tokens in 300 steps, so dropout would only slow it.
+
+It also trains with `optax.adamw` rather than the released code's Adam (the default, configs/common.py).
+The two differ only in the first few updates, where the release adds epsilon before the bias
+correction and so moves parameters with tiny gradients (rare token rows) less; over 300 steps that
+start shows: validation perplexity 275 against 264, and Story Cloze fine-tuning from the model 53.7%
+against 56.4% test accuracy (one run each, docs/finetuning.md).
 """
 
 from configs.common import base_config, has_local_data, model_section
@@ -21,6 +27,7 @@ def get_config():
                                  embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
     config.data.source = TINY_BOOKS if has_local_data() else "tfds:tiny_shakespeare"
     config.data.val_fraction = 0.05
+    config.optimizer.kind = "adamw"
     config.optimizer.lr = 3e-3
     config.optimizer.b1 = 0.5
     config.optimizer.b2 = 0.9
