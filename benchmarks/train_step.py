@@ -208,7 +208,8 @@ def render(results: dict, args) -> str:
         SECTION, "",
         f"`python benchmarks/train_step.py --configs {args.configs} --rounds {args.rounds} --steps {args.steps}` on "
         f"{datetime.date.today().isoformat()}, {cpu}, {os.cpu_count()} CPU cores (shared with other jobs), "
-        f"{versions()}; float32, dropout 0.1 in train mode, AdamW + clipping at 1.0 on both sides. "
+        f"{versions()}; float32, dropout 0.1 in train mode, Adam with decoupled decay + clipping at 1.0 on both "
+        "sides (ours: the released code's Adam, torch: AdamW). "
         f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`. Median of {args.rounds * args.steps} steps after "
         f"{args.warmup} warm-up step(s), the two frameworks alternating round by round; peak memory is each "
         "subprocess's ru_maxrss. The matmul rate is each framework's own "
