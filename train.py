@@ -5,8 +5,6 @@ tasks). Rerunning the same command in the same workdir resumes from its latest c
 """
 
 import logging
-import os
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -39,5 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for `configs.common`
     app.run(main)

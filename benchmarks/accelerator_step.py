@@ -5,7 +5,8 @@ GPT-1 config, >= 45% MFU on an H100. Ours is the real step (`train_lib.compile_r
 `make_lm_train_step`, the paper's optimizer, dropout 0.1); the reference is `OpenAIGPTLMHeadModel` in
 PyTorch with bfloat16 autocast and fused AdamW on the same device, when torch sees one.
 
-    python benchmarks/accelerator_step.py [--batch 64] [--steps 10] [--dtype bfloat16] [--loss-chunk 8192] [--remat none]
+    python benchmarks/accelerator_step.py [--batch 64] [--steps 10] [--dtype bfloat16] [--loss-chunk 8192] \
+        [--remat none]
     python benchmarks/accelerator_step.py --tiny --batch 4 --steps 2      # a smoke run on any machine
 
 Prints one JSON line per framework (tokens/s, step seconds, compile seconds, MFU where the device's peak is
@@ -18,11 +19,9 @@ import argparse
 import json
 import pathlib
 import statistics
-import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def jax_step(args) -> dict:
@@ -40,7 +39,8 @@ def jax_step(args) -> dict:
     config.train.peak_flops = args.peak_flops
     model_cfg = config_check.model_config(config)
     schedule = optim.learning_rate_schedule(config.optimizer, 10_000)
-    optimizer = optim.make_optimizer(config.optimizer, 10_000, jax.eval_shape(lambda: train_lib.initial_params(model_cfg, 0)))
+    abstract_params = jax.eval_shape(lambda: train_lib.initial_params(model_cfg, 0))
+    optimizer = optim.make_optimizer(config.optimizer, 10_000, abstract_params)
     compiled = train_lib.compile_run(config, model_cfg, optimizer, schedule, train_lib.make_lm_train_step)
     state = train_lib.place_state(train_lib.initial_params(model_cfg, 0), optimizer, compiled)
     tokens = np.random.default_rng(0).integers(0, 40478, (args.batch, model_cfg.n_ctx + 1)).astype(np.int32)

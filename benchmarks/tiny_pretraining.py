@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for configs/
 
 from configs import tiny_pretrain  # noqa: E402
 from gpt1_jax import train_lib  # noqa: E402

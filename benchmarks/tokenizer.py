@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from gpt1_jax import vocab_files  # noqa: E402
 from gpt1_jax.tokenizer import GPT1Tokenizer  # noqa: E402

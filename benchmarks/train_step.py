@@ -36,7 +36,6 @@ import time
 from doc_section import write_section
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # gpt1_jax and configs/ without an install
 SECTION = "## Train step (CPU)"
 # name: (model overrides, batch, n_ctx, loss_chunk); all use the full 40,478-token vocabulary.
 CONFIGS = {

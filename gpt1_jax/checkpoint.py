@@ -131,7 +131,8 @@ class TrainCheckpointer:
                 metadata=ocp.args.JsonSave(metadata)), force=True)
         except Exception as err:  # noqa: BLE001 - Orbax wraps OS errors in its own types
             raise CheckpointError(f"Writing checkpoint step {step} to {self.directory} failed: {err}. "
-                                  "Earlier checkpoints are untouched; free space or fix permissions and rerun.") from err
+                                  "Earlier checkpoints are untouched; free space or fix permissions and rerun."
+                                  ) from err
 
     def restore_latest(self, abstract_params, abstract_train_state):
         """(step, params, train_state) of the newest step that restores cleanly, or Nones for a fresh run.
@@ -172,7 +173,8 @@ class TrainCheckpointer:
             self._manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001 - errors of the asynchronous save surface here
             raise CheckpointError(f"Writing a checkpoint to {self.directory} failed: {err}. "
-                                  "Earlier checkpoints are untouched; free space or fix permissions and rerun.") from err
+                                  "Earlier checkpoints are untouched; free space or fix permissions and rerun."
+                                  ) from err
 
     def close(self) -> None:
         self.wait()

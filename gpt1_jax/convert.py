@@ -266,7 +266,8 @@ def _read_hf_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError as err:
-            raise WeightFormatError(f"{torch_file} needs PyTorch to read; install torch or convert it to safetensors.") from err
+            raise WeightFormatError(
+                f"{torch_file} needs PyTorch to read; install torch or convert it to safetensors.") from err
         state = torch.load(torch_file, map_location="cpu", weights_only=True)
         return {k: v.float().numpy() for k, v in state.items()}
     raise WeightFormatError(f"{directory}: neither model.safetensors nor pytorch_model.bin found.")

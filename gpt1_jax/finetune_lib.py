@@ -171,14 +171,18 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
     total_steps = config.finetune.epochs * epoch_steps
     early_evals = eval_steps_in_first_epoch(config)
     schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
-    optimizer = optim.make_optimizer(config.optimizer, total_steps, jax.eval_shape(lambda: initial))
+    optimizer = optim.make_optimizer(config.optimizer, total_steps, jax.eval_shape(lambda p: p, initial))
     compiled, eval_step = compile_finetune(config, model_cfg, spec, optimizer, schedule)
     rolling = checkpoint.TrainCheckpointer(workdir_path / "checkpoints", keep=config.checkpoint.keep,
                                            async_save=config.checkpoint.async_save)
     best_dir = workdir_path / "best"
     best_ckpt = checkpoint.TrainCheckpointer(best_dir, keep=1, async_save=False)
-    state, resumed = train_lib.restore_or_init(rolling, compiled, lambda: initial, optimizer)
+    # The host copy of the starting parameters (~0.5 GB for GPT-1) is handed to the train state once and then
+    # dropped, so it does not stay alive for the whole run.
+    handed_over = {"params": initial}
     del initial
+    state, resumed = train_lib.restore_or_init(rolling, compiled, lambda: handed_over.pop("params"), optimizer)
+    handed_over.clear()
     start = int(state.step)
     best = checkpoint.read_metadata(best_dir)["best"] if best_ckpt.steps() else None
     metadata = train_lib.run_metadata(config, model_cfg, data.tokenizer_identity, kind="finetune")

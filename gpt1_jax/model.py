@@ -304,7 +304,7 @@ class GPT1(nnx.Module):
             return jax.lax.scan(lambda h, xs: layer(h, *xs), hidden, (state, keys, cache))
         caches = []
         for i in range(cfg.n_layer):
-            hidden, layer_cache = layer(hidden, *jax.tree.map(lambda a: a[i], (state, keys, cache)))
+            hidden, layer_cache = layer(hidden, *jax.tree.map(lambda a, i=i: a[i], (state, keys, cache)))
             caches.append(layer_cache)
         return hidden, jax.tree.map(lambda *layers: jnp.stack(layers), *caches)
 

@@ -42,7 +42,8 @@ def learning_rate_schedule(opt: ConfigDict, total_steps: int) -> optax.Schedule:
     if opt.schedule == "warmup_cosine":
         warmup = min(opt.warmup_steps, total_steps)
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+            init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+            end_value=0.0)
     if opt.schedule == "warmup_linear":
         warmup = max(opt.warmup_fraction, 1e-12)
 

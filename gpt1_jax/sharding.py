@@ -15,7 +15,8 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
 log = logging.getLogger(__name__)
@@ -56,14 +57,13 @@ def path_name(path) -> str:
 def _spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     if mesh.shape["fsdp"] == 1:
         return P()
-    for pattern, spec in PARTITION_RULES:
-        if re.search(pattern, name):
-            break
+    spec = next(spec for pattern, spec in PARTITION_RULES if re.search(pattern, name))  # the last rule matches all
     if len(spec) != len(shape):
         return P()
     for dim, axis in zip(shape, spec):
         if axis is not None and dim % mesh.shape[axis]:
-            log.info("Replicating %s %s: dimension %d is not divisible by %s=%d.", name, shape, dim, axis, mesh.shape[axis])
+            log.info("Replicating %s %s: dimension %d is not divisible by %s=%d.", name, shape, dim, axis,
+                     mesh.shape[axis])
             return P()
     return spec
 

@@ -91,7 +91,8 @@ def accumulate_gradients(loss_fn: Callable, params, batch, accum: int, key):
         (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(key, index))
         return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), key)))
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, first, key)))
     (loss, aux), grads = zeros
     (loss, aux, grads), _ = jax.lax.scan(body, (loss, aux, grads), (jnp.arange(accum), micro))
     return loss / accum, jax.tree.map(lambda a: a / accum, aux), jax.tree.map(lambda g: g / accum, grads)
@@ -228,7 +229,8 @@ def pretrain(config: ConfigDict, workdir: str) -> dict[str, float]:
     probes = ZeroShotTracker(config, data.tokenizer)
     total_steps = config.train.num_steps
     schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
-    optimizer = optim.make_optimizer(config.optimizer, total_steps, jax.eval_shape(lambda: initial_params(model_cfg, 0)))
+    abstract_params = jax.eval_shape(lambda: initial_params(model_cfg, 0))
+    optimizer = optim.make_optimizer(config.optimizer, total_steps, abstract_params)
     compiled = compile_run(config, model_cfg, optimizer, schedule, make_lm_train_step)
     eval_step = jax.jit(make_lm_eval_step(compiled.graphdef, config))
     checkpointer = checkpoint.TrainCheckpointer(workdir_path / "checkpoints", keep=config.checkpoint.keep,

@@ -69,9 +69,11 @@ def run_train_py(config: ConfigDict, workdir, *, devices: int = 1, env: dict | N
     full_env = {**os.environ, **(env or {})}
     if devices > 1:
         full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    result = subprocess.run(train_py_command(config, workdir), cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(train_py_command(config, workdir), cwd=REPO, env=full_env, capture_output=True, text=True,
+                            timeout=600)
     if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
 
 

@@ -73,7 +73,8 @@ def test_hf_import_matches_transformers(tmp_path, sizes):
 def write_original_release(directory, sizes: dict, seed: int = 0) -> list[np.ndarray]:
     """Random weights in the released layout: 146 (for 12 layers) arrays flattened into 10 shards."""
     d, n_ctx, vocab = sizes["n_embd"], sizes["n_positions"], sizes["vocab_size"]
-    per_layer = [(1, d, 3 * d), (3 * d,), (1, d, d), (d,), (d,), (d,), (1, d, 4 * d), (4 * d,), (1, 4 * d, d), (d,), (d,), (d,)]
+    per_layer = [(1, d, 3 * d), (3 * d,), (1, d, d), (d,), (d,), (d,),
+                 (1, d, 4 * d), (4 * d,), (1, 4 * d, d), (d,), (d,), (d,)]
     shapes = [(n_ctx, d), (vocab, d)] + per_layer * sizes["n_layer"]
     rng = np.random.default_rng(seed)
     arrays = [(0.02 * rng.standard_normal(s)).astype(np.float32) for s in shapes]

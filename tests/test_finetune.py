@@ -14,15 +14,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import finetune as finetune_recipe
 from gpt1_jax import checkpoint, convert, finetune_data, finetune_init, finetune_lib, tasks
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.model import GPT1, GPT1Config
 from gpt1_jax.run_log import read_metrics
 from gpt1_jax.task_model import TaskModel, task_loss
 from pretrain_helpers import REPO, losses, wait_for_step
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import finetune as finetune_recipe  # noqa: E402
 
 TINY = GPT1Config(n_special=3, n_ctx=32, width=32, n_head=2, n_layer=2, mlp_width=64)
 

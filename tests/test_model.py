@@ -75,7 +75,8 @@ def test_eval_mode_is_deterministic_and_dropout_is_active_in_training():
     x = tokens()
     np.testing.assert_array_equal(model(x), model(x))
     assert float(jnp.abs(model(x, dropout_key=jax.random.key(1)) - model(x)).max()) > 1e-2
-    no_dropout = model_from_params(TINY.replace(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0), params_of(model))
+    no_dropout_cfg = TINY.replace(embd_dropout=0.0, attn_dropout=0.0, resid_dropout=0.0)
+    no_dropout = model_from_params(no_dropout_cfg, params_of(model))
     np.testing.assert_allclose(no_dropout(x, dropout_key=jax.random.key(1)), model(x), atol=1e-6)
 
 
@@ -155,7 +156,8 @@ def test_bfloat16_compute_keeps_float32_parameters_and_stays_close():
 
 def test_classifier_head_reads_the_state_at_the_given_positions():
     hidden = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
-    np.testing.assert_array_equal(gather_positions(hidden, jnp.array([4, 1])), hidden[jnp.array([0, 1]), jnp.array([4, 1])])
+    picked = hidden[jnp.array([0, 1]), jnp.array([4, 1])]
+    np.testing.assert_array_equal(gather_positions(hidden, jnp.array([4, 1])), picked)
     head = ClassifierHead(3, 2, rngs=nnx.Rngs(0))
     assert head(gather_positions(hidden, jnp.array([4, 1]))).shape == (2, 2)
 

@@ -60,7 +60,8 @@ def test_weight_decay_skips_biases_and_gains_but_not_matrices(kind):
     np.testing.assert_array_equal(blocks["attn"]["qkv"]["bias"], params["blocks"]["attn"]["qkv"]["bias"])
     correction = math.sqrt(1 - opt.b2) / (1 - opt.b1) if kind == "released" else 1.0
     shrink = 1 - opt.lr * correction * opt.weight_decay
-    np.testing.assert_allclose(blocks["mlp"]["fc"]["kernel"], params["blocks"]["mlp"]["fc"]["kernel"] * shrink, rtol=1e-6)
+    fc = params["blocks"]["mlp"]["fc"]["kernel"]
+    np.testing.assert_allclose(blocks["mlp"]["fc"]["kernel"], fc * shrink, rtol=1e-6)
     np.testing.assert_allclose(new["tokens_embed"], params["tokens_embed"] * shrink, rtol=1e-6)
 
 
@@ -71,8 +72,8 @@ def test_released_adam_adds_epsilon_before_the_bias_correction():
                           grad_clip_norm=0.0, schedule="constant", warmup_steps=0, warmup_fraction=0.0))
     params = {"b": jnp.zeros(3)}
     grads = {"b": jnp.full(3, 1e-8)}
-    released, _ = optim.make_optimizer(opt, 10, params).update(grads, optim.make_optimizer(opt, 10, params).init(params),
-                                                                params)
+    released_adam = optim.make_optimizer(opt, 10, params)
+    released, _ = released_adam.update(grads, released_adam.init(params), params)
     m, v = 0.1 * 1e-8, math.sqrt(0.001) * 1e-8
     expected = -1e-3 * math.sqrt(1 - 0.999) / (1 - 0.9) * m / (v + 1e-8)
     np.testing.assert_allclose(released["b"], expected, rtol=1e-5)

@@ -44,7 +44,8 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path, token_cache_dir):
     no_dropout = {"model.embd_dropout": 0.0, "model.attn_dropout": 0.0, "model.resid_dropout": 0.0,
                   "train.num_steps": 2, "checkpoint.every": 2}
     train_lib.pretrain(tiny_config(token_cache_dir, **no_dropout), str(tmp_path / "one"))
-    train_lib.pretrain(tiny_config(token_cache_dir, **no_dropout, **{"train.grad_accum_steps": 4}), str(tmp_path / "four"))
+    four = tiny_config(token_cache_dir, **no_dropout, **{"train.grad_accum_steps": 4})
+    train_lib.pretrain(four, str(tmp_path / "four"))
     for step, loss in losses(tmp_path / "one").items():
         assert losses(tmp_path / "four")[step] == pytest.approx(loss, rel=1e-5)
     assert_trees_equal(final_params(tmp_path / "one"), final_params(tmp_path / "four"), atol=1e-6)
@@ -68,9 +69,11 @@ def test_empty_and_too_short_corpora_are_refused(tmp_path, token_cache_dir):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("Just a few words of text.")
     with pytest.raises(ValueError, match="data.source"):
-        train_lib.pretrain(tiny_config(token_cache_dir, **{"data.source": str(tmp_path / "empty.txt")}), str(tmp_path / "a"))
+        empty = tiny_config(token_cache_dir, **{"data.source": str(tmp_path / "empty.txt")})
+        train_lib.pretrain(empty, str(tmp_path / "a"))
     with pytest.raises(ValueError, match=r"model\.n_ctx"):
-        train_lib.pretrain(tiny_config(token_cache_dir, **{"data.source": str(tmp_path / "short.txt")}), str(tmp_path / "b"))
+        short = tiny_config(token_cache_dir, **{"data.source": str(tmp_path / "short.txt")})
+        train_lib.pretrain(short, str(tmp_path / "b"))
 
 
 def test_a_workdir_of_another_run_is_refused_unless_starting_over(tmp_path, token_cache_dir):

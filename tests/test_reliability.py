@@ -14,8 +14,16 @@ import pytest
 
 from gpt1_jax import checkpoint, train_lib
 from gpt1_jax.run_log import read_metrics
-from pretrain_helpers import (REPO, assert_trees_equal, final_params, losses, run_train_py, tiny_config, train_py_command,
-                              wait_for_step)
+from pretrain_helpers import (
+    REPO,
+    assert_trees_equal,
+    final_params,
+    losses,
+    run_train_py,
+    tiny_config,
+    train_py_command,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +34,8 @@ def start_train_py(config, workdir) -> subprocess.Popen:
 
 
 def test_kill_9_at_three_random_points_then_resume_is_bitwise_equal(tmp_path, token_cache_dir):
-    config = tiny_config(token_cache_dir, **{"train.num_steps": 16, "checkpoint.every": 2, "checkpoint.async_save": True})
+    config = tiny_config(token_cache_dir,
+                         **{"train.num_steps": 16, "checkpoint.every": 2, "checkpoint.async_save": True})
     train_lib.pretrain(config, str(tmp_path / "straight"))
     workdir = tmp_path / "killed"
     rng = random.Random(1234)
@@ -63,7 +72,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, to
     train_lib.pretrain(config, str(tmp_path / "straight"))
     workdir = tmp_path / "damaged"
     train_lib.pretrain(config, str(workdir))
-    files = sorted(p for p in (workdir / "checkpoints" / "6" / "params").rglob("*") if p.is_file() and p.stat().st_size > 1000)
+    params_dir = workdir / "checkpoints" / "6" / "params"
+    files = sorted(p for p in params_dir.rglob("*") if p.is_file() and p.stat().st_size > 1000)
     if damage == "truncate":
         for f in files:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])

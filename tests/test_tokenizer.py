@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -90,7 +89,6 @@ def parity_sample(root: Path) -> dict[str, list[str]]:
 @pytest.mark.slow
 def test_parity_with_transformers_slow_tokenizer(tok):
     """>= 99.9% of sampled texts get exactly the ids of transformers' slow (ftfy + spaCy) tokenizer."""
-    sys.path.insert(0, str(REPO))
     from benchmarks.tokenizer import slow_reference_encode
 
     fields = parity_sample(_data_root())

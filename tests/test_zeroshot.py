@@ -59,8 +59,9 @@ def test_story_cloze_probe_runs(real_vocab_model, tokenizer, data_root):
 
 def test_pretraining_logs_probes_that_match_its_checkpoint(tmp_path, token_cache_dir, data_root, tokenizer):
     """Figure 2 (right) of the paper: probes every `zeroshot.every` steps, equal to a fresh probe of the saved model."""
-    config = tiny_config(token_cache_dir, **{"train.num_steps": 4, "checkpoint.every": 4, "zeroshot.tasks": "sst2, cola",
-                                            "zeroshot.every": 2, "zeroshot.max_examples": 24})
+    config = tiny_config(token_cache_dir, **{"train.num_steps": 4, "checkpoint.every": 4,
+                                            "zeroshot.tasks": "sst2, cola", "zeroshot.every": 2,
+                                            "zeroshot.max_examples": 24})
     train_lib.pretrain(config, str(tmp_path))
     logged = {(m["step"], k): v for m in read_metrics(tmp_path) for k, v in m.items() if k.startswith("zeroshot/")}
     assert set(logged) == {(s, f"zeroshot/{t}") for s in (2, 4) for t in ("sst2", "cola")}

@@ -101,7 +101,8 @@ def unwrap_lines(text: str) -> str:
     token, so unwrapped text puts newlines only where BooksCorpus-style prose has them.
     """
     paragraphs = re.split(r"\n[ \t]*\n+", text)
-    return "\n\n".join(" ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs if p.strip())
+    unwrapped = (" ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs if p.strip())
+    return "\n\n".join(unwrapped)
 
 
 def clean_text(raw: bytes | str, *, name: str = "<document>") -> str:
