@@ -24,11 +24,12 @@ import time
 
 import numpy as np
 
+from gpt1_jax import vocab_files
 from gpt1_jax.data import lm_batches, text_sources, token_cache
 from gpt1_jax.tokenizer import GPT1Tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = pathlib.Path(os.environ.get(text_sources.DATA_ENV, ROOT.parent / "shared" / "data"))
+DATA = pathlib.Path(os.environ.get(vocab_files.DATA_ENV, ROOT.parent / "shared" / "data"))
 DOC = ROOT / "docs" / "benchmarks.md"
 SHAPES = {"gpt1 (64 x 513)": (64, 512), "tiny (8 x 65)": (8, 64)}
 

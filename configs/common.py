@@ -4,12 +4,11 @@ import os
 
 from ml_collections import ConfigDict
 
-# A local data root laid out like the project's shared/data; without it, TFDS names are used.
-DATA_ROOT_ENV = "GPT1_JAX_DATA"
+from gpt1_jax.vocab_files import DATA_ENV  # a local data root laid out like shared/data; else TFDS names
 
 
 def has_local_data() -> bool:
-    return bool(os.environ.get(DATA_ROOT_ENV))
+    return bool(os.environ.get(DATA_ENV))
 
 
 def model_section(**overrides) -> ConfigDict:

@@ -13,8 +13,7 @@ value is checked against the checkpoint.
 
 from configs.common import base_config, model_section
 from configs.tiny_pretrain import get_config as tiny_pretrain_config
-
-SHAPE_KEYS = ("vocab_size", "n_ctx", "width", "n_head", "n_layer", "mlp_width")
+from gpt1_jax.finetune_init import SHAPE_KEYS
 
 
 def get_config(arg=None):

@@ -14,8 +14,7 @@ import time
 import jax
 from ml_collections import ConfigDict
 
-from gpt1_jax import optim
-from gpt1_jax.data import task_readers
+from gpt1_jax import optim, vocab_files
 from gpt1_jax.model import GPT1Config
 from gpt1_jax.zeroshot import PROBES
 
@@ -64,7 +63,7 @@ def check_common(config: ConfigDict) -> None:
         raise ConfigError(f"train.nonfinite={config.train.nonfinite!r}: use 'stop' or 'skip'.")
     if config.data.task_source not in ("local", "tfds"):
         raise ConfigError(f"data.task_source={config.data.task_source!r}: use 'local' "
-                          f"(files under ${task_readers.DATA_ENV}) or 'tfds'.")
+                          f"(files under ${vocab_files.DATA_ENV}) or 'tfds'.")
     if config.train.eval_batch_size % jax.process_count():
         raise ConfigError(f"train.eval_batch_size={config.train.eval_batch_size} must be divisible by "
                           f"the {jax.process_count()} processes.")

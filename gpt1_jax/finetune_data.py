@@ -13,7 +13,7 @@ import os
 import numpy as np
 from ml_collections import ConfigDict
 
-from gpt1_jax import tasks
+from gpt1_jax import tasks, vocab_files
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import task_inputs, task_readers
 from gpt1_jax.data.task_inputs import TaskArrays
@@ -49,9 +49,9 @@ def read_split(spec: tasks.TaskSpec, split: str, config: ConfigDict) -> list[Exa
     `data.task_source` is checked with the rest of the config (`config_check.check_common`)."""
     source = config.data.task_source
     if source == "local" and split not in spec.local:
-        root = os.environ.get(task_readers.DATA_ENV, "<unset>")
+        root = os.environ.get(vocab_files.DATA_ENV, "<unset>")
         raise ConfigError(
-            f"task {spec.name!r} has no local {split!r} file under ${task_readers.DATA_ENV}={root} (local splits: "
+            f"task {spec.name!r} has no local {split!r} file under ${vocab_files.DATA_ENV}={root} (local splits: "
             f"{sorted(spec.local)}). Use --config.data.task_source=tfds (TFDS {', '.join(spec.tfds.names)}, "
             f"data dir data.tfds_data_dir).")
     try:

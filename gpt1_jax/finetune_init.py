@@ -24,7 +24,8 @@ from ml_collections import ConfigDict
 from gpt1_jax import checkpoint, convert, tasks
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.model import GPT1, GPT1Config
-from gpt1_jax.task_model import N_SPECIAL, TaskModel
+from gpt1_jax.task_model import TaskModel
+from gpt1_jax.vocab_files import N_SPECIAL
 
 log = logging.getLogger(__name__)
 

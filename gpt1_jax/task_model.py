@@ -27,7 +27,6 @@ from gpt1_jax import tasks
 from gpt1_jax.losses import token_nll_of
 from gpt1_jax.model import GPT1, ClassifierHead, gather_positions
 
-N_SPECIAL = 3  # _start_, _delimiter_, _classify_ (Sec. 3.3)
 _PAIR_SUM = (tasks.SIMILARITY, tasks.REGRESSION_SIMILARITY)
 # Rows of the auxiliary LM softmax: "all" = the released code's whole table `we` (BPE, specials and the
 # run's position rows); "tokens" = BPE and specials only, 512 fewer rows for GPT-1 at full context.

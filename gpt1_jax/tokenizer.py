@@ -31,12 +31,8 @@ import spacy
 from tokenizers import models as tk_models
 
 from gpt1_jax import vocab_files
+from gpt1_jax.vocab_files import CLASSIFY_ID, DELIMITER_ID, N_SPECIAL, START_ID, VOCAB_SIZE  # noqa: F401 (re-exported)
 
-VOCAB_SIZE = 40478
-N_SPECIAL = 3
-START_ID = 40478
-DELIMITER_ID = 40479
-CLASSIFY_ID = 40480
 SPECIAL_TOKENS = {START_ID: "_start_", DELIMITER_ID: "_delimiter_", CLASSIFY_ID: "_classify_"}
 UNK_ID = 0
 END_OF_WORD = "</w>"

@@ -9,6 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from gpt1_jax import vocab_files
 from gpt1_jax.data import lm_batches, text_sources, token_cache
 
 
@@ -131,7 +132,7 @@ def test_empty_corpus_error_names_data_source(tmp_path):
 def test_missing_files_and_unset_data_root_name_the_config(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"data\.source: no files match"):
         text_sources.make_source(f"files:{tmp_path}/*.txt", process_index=0, process_count=1)
-    monkeypatch.delenv(text_sources.DATA_ENV, raising=False)
+    monkeypatch.delenv(vocab_files.DATA_ENV, raising=False)
     with pytest.raises(ValueError, match=r"data\.source.*GPT1_JAX_DATA is not set"):
         text_sources.make_source("local:corpus/gutenberg/*.txt")
 
@@ -247,7 +248,7 @@ def test_file_sharding_covers_every_file_exactly_once(books):
 
 
 def test_local_spec_resolves_against_the_data_root(monkeypatch, data_root, books):
-    monkeypatch.setenv(text_sources.DATA_ENV, str(data_root))
+    monkeypatch.setenv(vocab_files.DATA_ENV, str(data_root))
     source = text_sources.make_source("local:corpus/gutenberg/11-0.txt", process_index=0, process_count=1)
     assert source.files == [str(books / "11-0.txt")]
     assert "11-0.txt" in source.identity

@@ -22,11 +22,7 @@ import numpy as np
 
 from gpt1_jax import tasks
 from gpt1_jax.data.task_readers import Example
-
-try:
-    from gpt1_jax.tokenizer import CLASSIFY_ID, DELIMITER_ID, START_ID
-except ImportError:  # the tokenizer module is optional here: these ids are fixed by the released code
-    START_ID, DELIMITER_ID, CLASSIFY_ID = 40478, 40479, 40480
+from gpt1_jax.vocab_files import CLASSIFY_ID, DELIMITER_ID, START_ID
 
 PAD_ID = 0  # padding positions are masked out, so any in-vocabulary id works; 0 is `<unk>`
 

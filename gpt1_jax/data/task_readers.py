@@ -20,8 +20,8 @@ import pathlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from gpt1_jax import tasks
+from gpt1_jax.vocab_files import DATA_ENV
 
-DATA_ENV = "GPT1_JAX_DATA"
 ON_ERROR = ("raise", "skip")
 _RACE_LETTERS = "ABCD"
 _STORY_SENTENCES = tuple(f"InputSentence{i}" for i in range(1, 5))

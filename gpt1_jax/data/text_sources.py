@@ -36,7 +36,8 @@ from typing import Protocol
 
 import jax
 
-DATA_ENV = "GPT1_JAX_DATA"
+from gpt1_jax.vocab_files import DATA_ENV
+
 # Bump when clean_text changes what it produces, so token caches built from the old text are rebuilt.
 CLEANING_VERSION = 2
 
