@@ -24,7 +24,7 @@ KINDS = (CLASSIFICATION, ENTAILMENT, SIMILARITY, REGRESSION_SIMILARITY, MULTIPLE
 
 
 @dataclasses.dataclass(frozen=True)
-class TfdsSource:
+class TfdsTaskSource:
     """Where a task lives in TFDS and which features play which role.
 
     `names` has several entries when a task is the union of TFDS configs (RACE-all = race/middle +
@@ -73,7 +73,7 @@ class TaskSpec:
     metrics: tuple[str, ...]  # names in `gpt1_jax.metrics.METRICS`; the first is the primary metric
     paper: Mapping[str, float]  # evaluation split -> the paper's primary-metric result, in percent
     eval_splits: tuple[str, ...]
-    tfds: TfdsSource
+    tfds: TfdsTaskSource
     local: Mapping[str, tuple[LocalFile, ...]]  # split -> files under the data root
     local_labels: tuple[str, ...] | None = None  # raw label strings in local files, in index order
 
@@ -110,7 +110,7 @@ def _race(subsets: tuple[str, ...], paper: float) -> TaskSpec:
     return TaskSpec(
         name=name, kind=MULTIPLE_CHOICE, label_names=("A", "B", "C", "D"), metrics=("accuracy",),
         paper={"test": paper}, eval_splits=("validation", "test"),
-        tfds=TfdsSource(tuple(f"race/{s}" for s in subsets), {"train": "train", "validation": "dev",
+        tfds=TfdsTaskSource(tuple(f"race/{s}" for s in subsets), {"train": "train", "validation": "dev",
                                                               "test": "test"},
                         text_a="article", text_b="questions", choices="options", label="answers",
                         uid="example_id", layout="race"),
@@ -125,7 +125,7 @@ _TASKS = (
     TaskSpec(
         name="snli", kind=ENTAILMENT, label_names=("entailment", "neutral", "contradiction"),
         metrics=("accuracy",), paper={"test": 89.9}, eval_splits=("validation", "test"),
-        tfds=TfdsSource(("snli",), _GLUE_SPLITS, "premise", "hypothesis", drop_unlabeled=True),
+        tfds=TfdsTaskSource(("snli",), _GLUE_SPLITS, "premise", "hypothesis", drop_unlabeled=True),
         # dev.jsonl is the complete dev set already without '-' pairs; the original-format test file is a
         # 1,277-line subset, 23 of them '-' (dropped).
         local={"validation": (LocalFile("snli/dev.jsonl", "jsonl", "premise", "hypothesis", "label"),),
@@ -136,7 +136,7 @@ _TASKS = (
         name="mnli", kind=ENTAILMENT, label_names=("entailment", "neutral", "contradiction"),
         metrics=("accuracy",), paper={"validation_matched": 82.1, "validation_mismatched": 81.4},
         eval_splits=("validation_matched", "validation_mismatched"),
-        tfds=TfdsSource(("glue/mnli",), {s: s for s in ("train", "validation_matched", "validation_mismatched",
+        tfds=TfdsTaskSource(("glue/mnli",), {s: s for s in ("train", "validation_matched", "validation_mismatched",
                                                        "test_matched", "test_mismatched")},
                         "premise", "hypothesis", uid="idx"),
         local={"validation_matched": (LocalFile("mnli/dev.jsonl", "jsonl", "premise", "hypothesis", "label"),)},
@@ -144,7 +144,7 @@ _TASKS = (
     TaskSpec(
         name="qnli", kind=ENTAILMENT, label_names=("entailment", "not_entailment"), metrics=("accuracy",),
         paper={"validation": 88.1}, eval_splits=("validation",),
-        tfds=TfdsSource(("glue/qnli",), _GLUE_SPLITS, "question", "sentence", uid="idx"),
+        tfds=TfdsTaskSource(("glue/qnli",), _GLUE_SPLITS, "question", "sentence", uid="idx"),
         # QNLI_v1 is the 2018 GLUE release the paper was evaluated on; TFDS serves the current v2.
         local={"validation": (LocalFile("glue/QNLI_v1/dev.tsv", "tsv", "question", "sentence", "label",
                                         uid="index"),),
@@ -153,13 +153,13 @@ _TASKS = (
     TaskSpec(
         name="rte", kind=ENTAILMENT, label_names=("entailment", "not_entailment"), metrics=("accuracy",),
         paper={"validation": 56.0}, eval_splits=("validation",),
-        tfds=TfdsSource(("glue/rte",), _GLUE_SPLITS, "sentence1", "sentence2", uid="idx"),
+        tfds=TfdsTaskSource(("glue/rte",), _GLUE_SPLITS, "sentence1", "sentence2", uid="idx"),
         local=_glue_local("RTE", "sentence1", "sentence2", "label"),
     ),
     TaskSpec(
         name="scitail", kind=ENTAILMENT, label_names=("entails", "neutral"), metrics=("accuracy",),
         paper={"test": 88.3}, eval_splits=("validation", "test"),
-        tfds=TfdsSource(("sci_tail",), _GLUE_SPLITS, "premise", "hypothesis"),
+        tfds=TfdsTaskSource(("sci_tail",), _GLUE_SPLITS, "premise", "hypothesis"),
         local={split: (LocalFile(f"scitail/scitail_1.0_{f}.tsv", "tsv", "premise", "hypothesis", "label",
                                  header=("premise", "hypothesis", "label")),)
                for split, f in (("validation", "dev"), ("test", "test"))},
@@ -170,7 +170,7 @@ _TASKS = (
     TaskSpec(
         name="story_cloze", kind=MULTIPLE_CHOICE, label_names=("1", "2"), metrics=("accuracy",),
         paper={"test": 86.5}, eval_splits=("validation", "test"),
-        tfds=TfdsSource(("story_cloze/2016",), {"validation": "validation", "test": "test"}, "context",
+        tfds=TfdsTaskSource(("story_cloze/2016",), {"validation": "validation", "test": "test"}, "context",
                         choices="endings", label_offset=-1),
         local={split: (LocalFile(_STORY_FILE.format(f), "story_cloze_csv"),)
                for split, f in (("validation", "val"), ("test", "test"))},
@@ -178,26 +178,26 @@ _TASKS = (
     TaskSpec(
         name="mrpc", kind=SIMILARITY, label_names=("not_equivalent", "equivalent"), metrics=("f1", "accuracy"),
         paper={"validation": 82.3}, eval_splits=("validation",),
-        tfds=TfdsSource(("glue/mrpc",), _GLUE_SPLITS, "sentence1", "sentence2", uid="idx"),
+        tfds=TfdsTaskSource(("glue/mrpc",), _GLUE_SPLITS, "sentence1", "sentence2", uid="idx"),
         local=_glue_local("MRPC", "#1 String", "#2 String", "Quality"), local_labels=_BINARY,
     ),
     TaskSpec(
         name="qqp", kind=SIMILARITY, label_names=("not_duplicate", "duplicate"), metrics=("f1", "accuracy"),
         paper={"validation": 70.3}, eval_splits=("validation",),
-        tfds=TfdsSource(("glue/qqp",), _GLUE_SPLITS, "question1", "question2", uid="idx"),
+        tfds=TfdsTaskSource(("glue/qqp",), _GLUE_SPLITS, "question1", "question2", uid="idx"),
         # Not in shared/data (too large); a downloaded glue_data/QQP folder works under the same layout.
         local=_glue_local("QQP", "question1", "question2", "is_duplicate", test_uid="id"), local_labels=_BINARY,
     ),
     TaskSpec(
         name="stsb", kind=REGRESSION_SIMILARITY, label_names=(), metrics=("pearson", "spearman"),
         paper={"validation": 82.0}, eval_splits=("validation",),
-        tfds=TfdsSource(("glue/stsb",), _GLUE_SPLITS, "sentence1", "sentence2", uid="idx"),
+        tfds=TfdsTaskSource(("glue/stsb",), _GLUE_SPLITS, "sentence1", "sentence2", uid="idx"),
         local=_glue_local("STS-B", "sentence1", "sentence2", "score"),
     ),
     TaskSpec(
         name="cola", kind=CLASSIFICATION, label_names=("unacceptable", "acceptable"),
         metrics=("matthews_corr",), paper={"validation": 45.4}, eval_splits=("validation",),
-        tfds=TfdsSource(("glue/cola",), _GLUE_SPLITS, "sentence", uid="idx"),
+        tfds=TfdsTaskSource(("glue/cola",), _GLUE_SPLITS, "sentence", uid="idx"),
         local=_glue_local("CoLA", "sentence", None, "label",
                           header=("source", "label", "original_label", "sentence")),
         local_labels=_BINARY,
@@ -205,13 +205,13 @@ _TASKS = (
     TaskSpec(
         name="sst2", kind=CLASSIFICATION, label_names=("negative", "positive"), metrics=("accuracy",),
         paper={"validation": 91.3}, eval_splits=("validation",),
-        tfds=TfdsSource(("glue/sst2",), _GLUE_SPLITS, "sentence", uid="idx"),
+        tfds=TfdsTaskSource(("glue/sst2",), _GLUE_SPLITS, "sentence", uid="idx"),
         local=_glue_local("SST-2", "sentence", None, "label"), local_labels=_BINARY,
     ),
     TaskSpec(
         name="wnli", kind=ENTAILMENT, label_names=("not_entailment", "entailment"), metrics=("accuracy",),
         paper={}, eval_splits=("validation",),  # not reported in the paper
-        tfds=TfdsSource(("glue/wnli",), _GLUE_SPLITS, "sentence1", "sentence2", uid="idx"),
+        tfds=TfdsTaskSource(("glue/wnli",), _GLUE_SPLITS, "sentence1", "sentence2", uid="idx"),
         local=_glue_local("WNLI", "sentence1", "sentence2", "label"), local_labels=_BINARY,
     ),
 )

@@ -326,7 +326,7 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _tfds_columns(record: dict, src: tasks.TfdsSource, spec: tasks.TaskSpec, index: int, where: str,
+def _tfds_columns(record: dict, src: tasks.TfdsTaskSource, spec: tasks.TaskSpec, index: int, where: str,
                   policy: _Policy, result: ReadResult) -> None:
     choices = tuple(_text(c) for c in record[src.choices]) if src.choices else None
     raw = record[src.label].item()

@@ -172,7 +172,7 @@ class FileSource:
                 yield clean_text(f.read(), name=path)
 
 
-class TfdsSource:
+class TfdsCorpus:
     """One text feature of a TFDS split, this process's share via ``tfds.split_for_jax_process``."""
 
     def __init__(
@@ -252,7 +252,7 @@ def make_source(
     data_dir: str | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> FileSource | TfdsSource:
+) -> FileSource | TfdsCorpus:
     """Builds the source named by ``data.source`` (syntax in the module docstring).
 
     ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``.
@@ -269,7 +269,7 @@ def make_source(
             raise ValueError(f"data.source {spec!r}: the only option is ?feature=<name>.")
         feature = query["feature"][0] if "feature" in query else None
         split = match["split"] or "train"
-        return TfdsSource(match["name"], split=split, feature=feature, data_dir=data_dir, **share)
+        return TfdsCorpus(match["name"], split=split, feature=feature, data_dir=data_dir, **share)
     if spec.startswith("local:"):
         return FileSource(resolve_data_path(spec.removeprefix("local:")), **share)
     return FileSource(spec.removeprefix("files:"), **share)
