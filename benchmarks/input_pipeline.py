@@ -60,7 +60,7 @@ def time_cache_build(books: list[str], tmp: str) -> dict[str, float]:
     corpus.mkdir()
     for book in books:  # a folder of links, so one glob names exactly these books
         (corpus / book).symlink_to(DATA / "corpus" / "gutenberg" / book)
-    source = text_sources.FileSource(str(corpus / "*.txt"), process_index=0, process_count=1)
+    source = text_sources.FileCorpus(str(corpus / "*.txt"), process_index=0, process_count=1)
     cache_dir = os.path.join(tmp, "cache")
     start = time.perf_counter()
     cache = token_cache.TokenCache.load_or_build(source, tokenizer, cache_dir)

@@ -35,7 +35,7 @@ def write_corpus(folder, texts):
     folder.mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(texts):
         (folder / f"doc{i:03d}.txt").write_text(text)
-    return text_sources.FileSource(str(folder / "*.txt"), process_index=0, process_count=1)
+    return text_sources.FileCorpus(str(folder / "*.txt"), process_index=0, process_count=1)
 
 
 def file_digests(folder):
@@ -162,7 +162,7 @@ def test_cache_is_reused_and_invalidated_by_fingerprint_or_source(tmp_path):
     assert new_vocab.calls > 0
 
     (tmp_path / "corpus" / "doc001.txt").write_text("an edited second document")
-    edited = text_sources.FileSource(str(tmp_path / "corpus" / "*.txt"), process_index=0, process_count=1)
+    edited = text_sources.FileCorpus(str(tmp_path / "corpus" / "*.txt"), process_index=0, process_count=1)
     rebuilt = token_cache.TokenCache.load_or_build(edited, CharTokenizer(), cache_dir)
     assert rebuilt.path != first.path and rebuilt.num_tokens == 11 + 25
 
@@ -190,7 +190,7 @@ def test_corrupt_cache_is_rebuilt_without_touching_other_caches(tmp_path, damage
         token_cache.TokenCache.load(victim.path)
 
     tokenizer = CharTokenizer()
-    source = text_sources.FileSource(str(tmp_path / "a" / "*.txt"), process_index=0, process_count=1)
+    source = text_sources.FileCorpus(str(tmp_path / "a" / "*.txt"), process_index=0, process_count=1)
     rebuilt = token_cache.TokenCache.load_or_build(source, tokenizer, cache_dir)
     assert tokenizer.calls > 0 and rebuilt.path == victim.path
     assert bytes(rebuilt.tokens.tobytes()) == np.array([ord(c) for c in "victim text " * 20], "<u2").tobytes()
@@ -227,7 +227,7 @@ def test_clean_text_removes_bom_crlf_and_counts_invalid_bytes(caplog):
 
 @pytest.mark.parametrize("book", ["11-0.txt", "pg1342.txt", "28054-0.txt"])
 def test_gutenberg_header_and_footer_are_stripped_from_real_books(books, book):
-    (text,) = text_sources.FileSource(str(books / book), process_index=0, process_count=1)
+    (text,) = text_sources.FileCorpus(str(books / book), process_index=0, process_count=1)
     first_line = text.lstrip().splitlines()[0]
     assert "gutenberg" not in first_line.lower()
     assert "\r" not in text and not text.startswith("\ufeff")
@@ -240,7 +240,7 @@ def test_file_sharding_covers_every_file_exactly_once(books):
     pattern = str(books / "*.txt")
     for count in (1, 2, 3, 5):
         shards = [
-            text_sources.FileSource(pattern, process_index=i, process_count=count).files for i in range(count)
+            text_sources.FileCorpus(pattern, process_index=i, process_count=count).files for i in range(count)
         ]
         everything = [f for shard in shards for f in shard]
         assert sorted(everything) == sorted(glob.glob(pattern))
@@ -280,7 +280,7 @@ def test_real_tokenizer_cache_on_gutenberg_books(tmp_path, data_root, books):
     except ImportError as e:
         pytest.skip(f"gpt1_jax.tokenizer is not importable yet: {e}")
     tokenizer = GPT1Tokenizer.from_files(data_root / "gpt1_vocab")
-    source = text_sources.FileSource(str(books / "3[56]-0.txt"), process_index=0, process_count=1)
+    source = text_sources.FileCorpus(str(books / "3[56]-0.txt"), process_index=0, process_count=1)
     cache = token_cache.TokenCache.load_or_build(source, tokenizer, str(tmp_path))
     assert cache.num_documents == 2 and cache.num_tokens > 50_000
     assert int(cache.tokens.max()) < 40_478 + 3

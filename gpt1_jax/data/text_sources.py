@@ -129,7 +129,7 @@ def _process_share(process_index: int | None, process_count: int | None) -> tupl
     return index, count
 
 
-class FileSource:
+class FileCorpus:
     """Local text files matching a glob, one document per file, this process's share only."""
 
     def __init__(
@@ -252,7 +252,7 @@ def make_source(
     data_dir: str | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> FileSource | TfdsCorpus:
+) -> FileCorpus | TfdsCorpus:
     """Builds the source named by ``data.source`` (syntax in the module docstring).
 
     ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``.
@@ -271,6 +271,6 @@ def make_source(
         split = match["split"] or "train"
         return TfdsCorpus(match["name"], split=split, feature=feature, data_dir=data_dir, **share)
     if spec.startswith("local:"):
-        return FileSource(resolve_data_path(spec.removeprefix("local:")), **share)
-    return FileSource(spec.removeprefix("files:"), **share)
+        return FileCorpus(resolve_data_path(spec.removeprefix("local:")), **share)
+    return FileCorpus(spec.removeprefix("files:"), **share)
 
