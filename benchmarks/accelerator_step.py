@@ -1,16 +1,16 @@
 """GPT-1 pre-training throughput and MFU on the accelerator at hand, against transformers on the same device.
 
 The issue's target: bfloat16 compute (float32 parameters and optimizer state), batch 64 x 512, the full
-GPT-1 config, >= 45% MFU on an H100. Ours is the real step (`train_lib.compile_run` +
-`make_lm_train_step`, the paper's optimizer, dropout 0.1); the reference is `OpenAIGPTLMHeadModel` in
-PyTorch with bfloat16 autocast and fused AdamW on the same device, when torch sees one.
+GPT-1 config, >= 45% MFU on an H100. Ours is the real step (`pretrain.compile_pretraining`, the paper's
+optimizer, dropout 0.1); the reference is `OpenAIGPTLMHeadModel` in PyTorch with bfloat16 autocast and
+fused AdamW on the same device, when torch sees one.
 
     python benchmarks/accelerator_step.py [--batch 64] [--steps 10] [--dtype bfloat16] [--loss-chunk 8192] \
         [--remat none]
     python benchmarks/accelerator_step.py --tiny --batch 4 --steps 2      # a smoke run on any machine
 
 Prints one JSON line per framework (tokens/s, step seconds, compile seconds, MFU where the device's peak is
-known: `train_lib.PEAK_FLOPS`, or `--peak-flops` per device).
+known: `pretrain.PEAK_FLOPS`, or `--peak-flops` per device).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def jax_step(args) -> dict:
     import numpy as np
 
     from configs.common import base_config, model_section
-    from gpt1_jax import config_check, optim, sharding, train_lib
+    from gpt1_jax import optim, pretrain, sharding, train_lib
 
     config = base_config()
     config.model = model_section(dtype=args.dtype, remat=args.remat,
@@ -37,12 +37,12 @@ def jax_step(args) -> dict:
     config.train.batch_size = args.batch
     config.train.loss_chunk = args.loss_chunk
     config.train.peak_flops = args.peak_flops
-    model_cfg = config_check.model_config(config)
+    model_cfg = pretrain.model_config(config)
     schedule = optim.learning_rate_schedule(config.optimizer, 10_000)
-    abstract_params = jax.eval_shape(lambda: train_lib.initial_params(model_cfg, 0))
+    abstract_params = jax.eval_shape(lambda: pretrain.initial_params(model_cfg, 0))
     optimizer = optim.make_optimizer(config.optimizer, 10_000, abstract_params)
-    compiled = train_lib.compile_run(config, model_cfg, optimizer, schedule, train_lib.make_lm_train_step)
-    state = train_lib.place_state(train_lib.initial_params(model_cfg, 0), optimizer, compiled)
+    compiled = pretrain.compile_pretraining(config, model_cfg, optimizer, schedule)
+    state = train_lib.place_state(pretrain.initial_params(model_cfg, 0), optimizer, compiled)
     tokens = np.random.default_rng(0).integers(0, 40478, (args.batch, model_cfg.n_ctx + 1)).astype(np.int32)
     batch = sharding.global_batch(tokens, compiled.mesh)
     start = time.perf_counter()
@@ -56,11 +56,11 @@ def jax_step(args) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    flops = train_lib.train_flops_per_token(model_cfg, model_cfg.n_ctx) * args.batch * model_cfg.n_ctx
+    flops = pretrain.train_flops_per_token(model_cfg, model_cfg.n_ctx) * args.batch * model_cfg.n_ctx
     return {"framework": "gpt1_jax", "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
             "dtype": args.dtype, "batch": args.batch, "n_ctx": model_cfg.n_ctx, "step_s": step_s,
             "tokens_per_s": args.batch * model_cfg.n_ctx / step_s, "compile_s": compile_s,
-            "mfu": flops / step_s / train_lib.peak_flops(config)}
+            "mfu": flops / step_s / pretrain.peak_flops(config)}
 
 
 def torch_step(args) -> dict | None:

@@ -1,7 +1,7 @@
 """What does following the released code cost the fine-tuning step? Faithful defaults against the fast options
 and against the code before it (issue 13), alternating in one run on the same CPU.
 
-Variants, each the real jit-compiled step of `finetune_lib.compile_finetune` on a multiple-choice task
+Variants, each the real jit-compiled step of `finetune.compile_finetune` on a multiple-choice task
 (two rows per example, every token real, dropout 0.1 everywhere, float32):
 - `released`: this tree's defaults (`finetune.lm_softmax_rows="all"`: the LM softmax also covers the
   run's position rows; the LM head multiplies by the dropped table; `optimizer.kind="released"`);
@@ -57,7 +57,13 @@ def worker(name: str, overrides: dict, warmup: int) -> None:
 
     import gpt1_jax
     from configs import finetune as recipe
-    from gpt1_jax import finetune_init, finetune_lib, optim, sharding, tasks, train_lib
+    from gpt1_jax import optim, sharding, tasks, train_lib
+
+    try:  # this tree: starting points and the step in one module
+        from gpt1_jax.finetune import build_params, compile_finetune
+    except ImportError:  # a baseline tree from before the fine-tuning modules were merged
+        from gpt1_jax.finetune_init import build_params
+        from gpt1_jax.finetune_lib import compile_finetune
 
     sizes, examples, seq = CONFIGS[name]
     config = recipe.get_config("story_cloze")
@@ -67,11 +73,11 @@ def worker(name: str, overrides: dict, warmup: int) -> None:
         section, field = key.split(".")
         config[section][field] = value
     spec = tasks.get_task("story_cloze")
-    model_cfg, params, _ = finetune_init.build_params(config, spec, 0)
+    model_cfg, params, _ = build_params(config, spec, 0)
     total = 10_000
     schedule = optim.learning_rate_schedule(config.optimizer, total)
     optimizer = optim.make_optimizer(config.optimizer, total, jax.eval_shape(lambda: params))
-    compiled, _ = finetune_lib.compile_finetune(config, model_cfg, spec, optimizer, schedule)
+    compiled, _ = compile_finetune(config, model_cfg, spec, optimizer, schedule)
     state = train_lib.init_state(jax.tree.map(jax.numpy.asarray, params), optimizer)
     rng = np.random.default_rng(0)
     batch = {"tokens": rng.integers(0, 40478, (examples, 2, seq), dtype=np.int32),

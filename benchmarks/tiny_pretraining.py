@@ -17,7 +17,7 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 from configs import tiny_pretrain  # noqa: E402
-from gpt1_jax import train_lib  # noqa: E402
+from gpt1_jax import pretrain  # noqa: E402
 from gpt1_jax.data.lm_pipeline import LMData  # noqa: E402
 from gpt1_jax.run_log import read_metrics  # noqa: E402
 
@@ -40,7 +40,7 @@ def run(overrides: dict, steps: int, workdir: pathlib.Path) -> tuple[dict[int, f
     for key, value in overrides.items():
         section, name = key.split(".")
         config[section][name] = value
-    train_lib.pretrain(config, str(workdir))
+    pretrain.pretrain(config, str(workdir))
     validation = {m["step"]: m["val_perplexity"] for m in read_metrics(workdir) if "val_perplexity" in m}
     return validation, LMData.build(config).unigram_perplexity
 

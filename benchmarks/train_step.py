@@ -2,15 +2,15 @@
 
 Both sides do the same update on the same batch: forward with the LM loss (objective L1, Sec. 3.1),
 backward, global-norm clipping at 1.0 and Adam with decoupled decay (0.9, 0.999, 1e-8, decay 0.01 on
-matrices only), dropout 0.1 in train mode, float32. Ours is the real step (`train_lib.compile_run` +
-`make_lm_train_step` with `optim.make_optimizer`, whose default is the released code's Adam: the same
-element-wise work as AdamW); the reference is `OpenAIGPTLMHeadModel` in eager PyTorch with
+matrices only), dropout 0.1 in train mode, float32. Ours is the real step (`pretrain.compile_pretraining`
+with `optim.make_optimizer`, whose default is the released code's Adam: the same element-wise work as
+AdamW); the reference is `OpenAIGPTLMHeadModel` in eager PyTorch with
 `torch.optim.AdamW`.
 
 Each framework runs in its own subprocess (so peak host memory, ru_maxrss, is its own). After
 set-up and warm-up the parent alternates the two processes round by round, so background load on a
 shared machine hits both alike; the reported time is the median step. Model FLOPs are
-`train_lib.train_flops_per_token`; the "matmul rate" is each framework's own square float32 matmul
+`pretrain.train_flops_per_token`; the "matmul rate" is each framework's own square float32 matmul
 in the same run, and "model FLOP/s / matmul rate" is the fraction of it the step sustains.
 
     python benchmarks/train_step.py [--configs full,small,tiny] [--rounds 3] [--steps 1] [--no-doc]
@@ -48,33 +48,33 @@ MATMUL = 2048  # side of the square matmul that calibrates each framework's matm
 
 def lm_flops_per_token(name: str) -> float:
     from gpt1_jax.model import GPT1Config
-    from gpt1_jax.train_lib import train_flops_per_token
+    from gpt1_jax.pretrain import train_flops_per_token
 
     overrides, _, n_ctx, _ = CONFIGS[name]
     return train_flops_per_token(GPT1Config(n_ctx=n_ctx, **overrides), n_ctx)
 
 
 class JaxStep:
-    """Our real train step, built the way `train_lib.pretrain` builds it."""
+    """Our real train step, built the way `pretrain.pretrain` builds it."""
 
     def __init__(self, name: str, extra: dict):
         import jax
         import numpy as np
 
         from configs import gpt1_pretrain
-        from gpt1_jax import optim, sharding, train_lib
+        from gpt1_jax import optim, pretrain, sharding, train_lib
 
         overrides, batch, n_ctx, chunk = CONFIGS[name]
         config = gpt1_pretrain.get_config()
         config.model.update(dict(overrides, n_ctx=n_ctx, **extra.get("model", {})))
         config.train.batch_size, config.train.loss_chunk = batch, extra.get("loss_chunk", chunk)
-        model_cfg = train_lib.config_check.model_config(config)
+        model_cfg = pretrain.model_config(config)
         total = config.train.num_steps
         schedule = optim.learning_rate_schedule(config.optimizer, total)
         optimizer = optim.make_optimizer(
-            config.optimizer, total, jax.eval_shape(lambda: train_lib.initial_params(model_cfg, 0)))
-        compiled = train_lib.compile_run(config, model_cfg, optimizer, schedule, train_lib.make_lm_train_step)
-        self.state = train_lib.place_state(train_lib.initial_params(model_cfg, 0), optimizer, compiled)
+            config.optimizer, total, jax.eval_shape(lambda: pretrain.initial_params(model_cfg, 0)))
+        compiled = pretrain.compile_pretraining(config, model_cfg, optimizer, schedule)
+        self.state = train_lib.place_state(pretrain.initial_params(model_cfg, 0), optimizer, compiled)
         tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (batch, n_ctx + 1), dtype=np.int32)
         self.batch = sharding.global_batch(tokens, compiled.mesh)
         start = time.perf_counter()

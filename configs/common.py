@@ -45,7 +45,10 @@ def base_config() -> ConfigDict:
         batch_size=64, grad_accum_steps=1, num_steps=1000, log_every=50, eval_every=1000, eval_batch_size=64,
         eval_batches=0, loss_chunk=0, nonfinite="stop", peak_flops=0.0,
         # Save and exit after this step (0: never), for time-sliced jobs; rerun without it to continue.
-        stop_at=0))
+        stop_at=0,
+        # A jax.profiler trace of these updates ("FIRST-LAST" or "STEP"; "": off) under the run's tensorboard/
+        # folder, shown by TensorBoard's Profile tab; the first update of a (re)start includes compilation.
+        profile_steps=""))
     # Zero-shot probes during pre-training (Figure 2, right): comma-separated task names of
     # gpt1_jax.zeroshot.PROBES, run every `every` steps (0: with validation) on the first
     # `max_examples` examples (0: all) of `split`.

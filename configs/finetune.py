@@ -13,7 +13,7 @@ value is checked against the checkpoint.
 
 from configs.common import base_config, model_section
 from configs.tiny_pretrain import get_config as tiny_pretrain_config
-from gpt1_jax.finetune_init import SHAPE_KEYS
+from gpt1_jax.finetune import SHAPE_KEYS
 
 
 def get_config(arg=None):

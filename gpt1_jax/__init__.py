@@ -1,5 +1,15 @@
-"""gpt1_jax: GPT-1 (Radford et al., 2018) in JAX and Flax NNX."""
+"""gpt1_jax: GPT-1 (Radford et al., 2018) in JAX and Flax NNX.
 
-from gpt1_jax.model import GPT1, GPT1Config
+`gpt1_jax.GPT1` and `gpt1_jax.GPT1Config` are loaded on first use, so importing a light module (the
+config checker, the tokenizer) does not build the model's dependencies.
+"""
 
 __all__ = ["GPT1", "GPT1Config"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from gpt1_jax import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'gpt1_jax' has no attribute {name!r}")

@@ -7,7 +7,7 @@ three items per step:
   metadata   JSON: the model config, the tokenizer identity and the run config,
 so fine-tuning can rebuild the model from the checkpoint alone. Orbax writes each step into a
 temporary folder and renames it when complete, so a kill at any moment leaves earlier steps
-intact; an incomplete step is never listed.
+intact; an incomplete step is never listed, and the next writer to open the folder deletes it.
 """
 
 from __future__ import annotations
@@ -32,15 +32,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or written."""
 
 
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """The Orbax handler of each item, known before anything is saved or restored.
+
+    With it a manager reads an item's metadata (the shapes and dtypes of `params`) from the step as it
+    was written. Reading the item folder as a standalone checkpoint instead looks for the step-level
+    `_CHECKPOINT_METADATA` inside it and logs "Metadata file does not exist".
+    """
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item in ("params", "train_state"):
+        registry.add(item, ocp.args.StandardSave)
+        registry.add(item, ocp.args.StandardRestore)
+    registry.add("metadata", ocp.args.JsonSave)
+    registry.add("metadata", ocp.args.JsonRestore)
+    return registry
+
+
 def _manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, async_save: bool = False,
              read_only: bool = False) -> ocp.CheckpointManager:
+    """A manager of the step folders in `directory`; a writer deletes incomplete saves left by a killed process."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save,
         read_only=read_only,
         create=not read_only,
+        cleanup_tmp_directories=not read_only,
     )
-    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+                                 handler_registry=_handler_registry())
 
 
 def _params_of(model: GPT1) -> dict:
@@ -87,7 +106,7 @@ def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tu
         if step is None:
             raise CheckpointError(f"{directory}: no complete checkpoint found (config key: init).")
         restored = manager.restore(step, args=ocp.args.Composite(
-            metadata=ocp.args.JsonRestore(), params=ocp.args.StandardRestore(_host_target(directory / str(step)))))
+            metadata=ocp.args.JsonRestore(), params=ocp.args.StandardRestore(_host_target(manager, step))))
     metadata = restored.metadata
     if "model_config" not in metadata:
         raise CheckpointError(f"{directory}/{step}: metadata has no model_config; not a gpt1_jax checkpoint.")
@@ -96,9 +115,9 @@ def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tu
     return config, params, metadata
 
 
-def _host_target(step_dir: pathlib.Path):
+def _host_target(manager: ocp.CheckpointManager, step: int):
     """Abstract `params` on this host's first device, whatever mesh the checkpoint was saved from."""
-    tree = ocp.StandardCheckpointer().metadata(step_dir / "params").item_metadata.tree
+    tree = manager.metadata(step).item_metadata["params"].tree
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 
@@ -108,7 +127,9 @@ class TrainCheckpointer:
 
     Parameters and the rest of the training state (optimizer state, counters) are separate items,
     so fine-tuning reads `params` alone. The abstract trees given to `restore_latest` carry the
-    target shardings, so a checkpoint saved on one mesh restores onto another.
+    target shardings, so a checkpoint saved on one mesh restores onto another. Opening it deletes, in
+    the background and before its first save, the temporary folders of saves a killed process left
+    incomplete; each would otherwise keep up to a whole checkpoint's worth of disk.
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
@@ -117,8 +138,6 @@ class TrainCheckpointer:
             self._manager = _manager(self.directory, max_to_keep=keep, async_save=async_save)
         except Exception as err:  # noqa: BLE001 - Orbax wraps OS errors in its own types
             raise CheckpointError(f"Cannot create or open the checkpoint directory {self.directory}: {err}") from err
-        for partial in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
-            log.warning("Ignoring %s: an incomplete save (the process died while writing it).", partial)
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

@@ -1,37 +1,21 @@
-"""Validate a run's configuration before any compilation or data work, and guard the workdir.
+"""Validate a run's configuration before any compilation or data work.
 
 Every message names the config key and the fix, so a bad launch on a pod slice fails in seconds
-instead of after minutes of compiling.
+instead of after minutes of compiling. It knows no module above the optimizer: checks that need the
+model, the data or the probe registry (sizes, files, zero-shot task names) run where those are built,
+still before compilation.
 """
 
 from __future__ import annotations
-
-import json
-import pathlib
-import shutil
-import time
 
 import jax
 from ml_collections import ConfigDict
 
 from gpt1_jax import optim, vocab_files
-from gpt1_jax.model import GPT1Config
-from gpt1_jax.zeroshot import PROBES
-
-RUN_CONFIG_FILE = "config.json"
-# Keys that define what a workdir's checkpoints are; changing them mid-run would mix two runs.
-IDENTITY_KEYS = ("mode", "model", "data.source", "seed", "optimizer", "train.batch_size", "task", "init")
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work, named by its key."""
-
-
-def model_config(config: ConfigDict) -> GPT1Config:
-    try:
-        return GPT1Config.from_dict(config.model.to_dict())
-    except (TypeError, ValueError) as err:
-        raise ConfigError(str(err)) from err
 
 
 def check_batching(config: ConfigDict) -> None:
@@ -68,60 +52,28 @@ def check_common(config: ConfigDict) -> None:
         raise ConfigError(f"train.eval_batch_size={config.train.eval_batch_size} must be divisible by "
                           f"the {jax.process_count()} processes.")
     check_batching(config)
+    profile_window(config)
 
 
-def check_pretrain(config: ConfigDict, model_cfg: GPT1Config) -> None:
+def check_pretrain(config: ConfigDict) -> None:
     check_common(config)
     if config.train.num_steps < 1:
         raise ConfigError(f"train.num_steps={config.train.num_steps} must be >= 1.")
-    if model_cfg.n_special:
+    if config.model.n_special:
         raise ConfigError("model.n_special must be 0 for pre-training: special tokens are added by fine-tuning.")
-    zeroshot_probe_names(config)
 
 
-def zeroshot_probe_names(config: ConfigDict) -> list[str]:
-    """The tasks of `zeroshot.tasks` (comma-separated), checked against the available probes."""
-    names = [name.strip() for name in config.zeroshot.tasks.split(",") if name.strip()]
-    unknown = [name for name in names if name not in PROBES]
-    if unknown:
-        raise ConfigError(f"zeroshot.tasks: no zero-shot probe for {unknown}; available: "
-                          f"{', '.join(sorted(PROBES))}.")
-    if config.zeroshot.every < 0 or config.zeroshot.max_examples < 0:
-        raise ConfigError("zeroshot.every and zeroshot.max_examples must be >= 0 (0: every eval step, all examples).")
-    return names
-
-
-def _identity(config: ConfigDict) -> dict:
-    values = json.loads(config.to_json_best_effort())
-    picked = {}
-    for key in IDENTITY_KEYS:
-        node = values
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        picked[key] = node
-    return picked
-
-
-def claim_workdir(workdir: pathlib.Path, config: ConfigDict) -> None:
-    """Record the run's config in the workdir; refuse a workdir that holds a run of another config.
-
-    `start_over=True` moves the previous run aside (into `previous-<time>/`) rather than deleting it.
-    """
-    record = workdir / RUN_CONFIG_FILE
-    if record.exists():
-        previous = json.loads(record.read_text())
-        old, new = _identity(ConfigDict(previous)), _identity(config)
-        changed = [key for key in IDENTITY_KEYS if old.get(key) != new.get(key)]
-        if changed and not config.start_over:
-            raise ConfigError(
-                f"{workdir} holds a run with a different {', '.join(changed)}. Use another --workdir, restore those "
-                "values, or pass --config.start_over=True to move the old run aside and start afresh.")
-        if changed and jax.process_index() == 0:
-            aside = workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
-            aside.mkdir()
-            for item in list(workdir.iterdir()):
-                if not item.name.startswith("previous-"):
-                    shutil.move(str(item), aside / item.name)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        record.write_text(config.to_json_best_effort(indent=2) + "\n")
+def profile_window(config: ConfigDict) -> tuple[int, int] | None:
+    """(first, last) update of `train.profile_steps` ("FIRST-LAST" or "STEP"), None when it is "" (off)."""
+    text = str(config.train.profile_steps).strip()
+    if not text:
+        return None
+    try:
+        first, dash, last = text.partition("-")
+        window = int(first), int(last if dash else first)
+    except ValueError:
+        window = (0, -1)
+    if not 1 <= window[0] <= window[1]:
+        raise ConfigError(f"train.profile_steps={text!r}: give the updates to trace as FIRST-LAST (e.g. 10-15) "
+                          "or one update number, counting from 1; '' turns profiling off.")
+    return window

@@ -3,15 +3,14 @@
 Loading never executes code: numpy with `allow_pickle=False`, safetensors, and PyTorch files
 only with `weights_only=True`.
 
-Command line:
-    python -m gpt1_jax.convert --openai DIR --orbax OUT [--n-head N]  # the original params_*.npy release
+Command line (installed as `gpt1-convert`):
+    python -m gpt1_jax.convert --openai DIR --orbax OUT [--n_head N]  # the original params_*.npy release
     python -m gpt1_jax.convert --hf DIR --orbax OUT                   # openai-community/openai-gpt layout
-    python -m gpt1_jax.convert --orbax-in CKPT --hf-out OUT           # ours -> transformers
+    python -m gpt1_jax.convert --orbax_in CKPT --hf_out OUT           # ours -> transformers
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -20,8 +19,10 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from gpt1_jax import cli
 from gpt1_jax.model import GPT1, GPT1Config
 
 N_ORIGINAL_SHARDS = 10
@@ -343,22 +344,31 @@ def save_hf(model: GPT1, directory: str | os.PathLike) -> None:
 # ---------------------------------------------------------------- command line
 
 
+SYNOPSIS = "(--openai DIR [--n_head N] | --hf DIR | --orbax_in CKPT) [--orbax OUT] [--hf_out OUT]"
+
+
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    define = dict(flag_values=flag_values)
+    flags.DEFINE_string("openai", None, "Read the original release: a folder with params_shapes.json and "
+                        "params_0..9.npy.", **define)
+    flags.DEFINE_string("hf", None, "Read a Hugging Face folder with config.json and model.safetensors or "
+                        "pytorch_model.bin.", **define)
+    flags.DEFINE_string("orbax_in", None, "Read an Orbax checkpoint of ours (pre-training or converted).", **define)
+    flags.mark_flags_as_mutual_exclusive(["openai", "hf", "orbax_in"], required=True, **define)
+    flags.DEFINE_integer("n_head", None, f"Attention heads of the --openai release, which does not record them "
+                         f"(default {DEFAULT_N_HEAD}, GPT-1's).", **define)
+    flags.DEFINE_string("orbax", None, "Write an Orbax checkpoint here (fine-tuning's --config.init).", **define)
+    flags.DEFINE_string("hf_out", None, "Write a Hugging Face model folder here.", **define)
+    flags.register_multi_flags_validator(["orbax", "hf_out"], lambda f: bool(f["orbax"] or f["hf_out"]),
+                                         message="give --orbax and/or --hf_out", **define)
+    flags.register_multi_flags_validator(
+        ["n_head", "openai"], lambda f: f["n_head"] is None or f["openai"] is not None,
+        message="--n_head is for --openai only: the other formats record their head count", **define)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gpt1_jax.convert", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--openai", help="folder with params_shapes.json and params_0..9.npy")
-    source.add_argument("--hf", help="folder with config.json and model.safetensors or pytorch_model.bin")
-    source.add_argument("--orbax-in", help="an Orbax checkpoint of ours (pre-training or converted)")
-    parser.add_argument("--n-head", type=int,
-                        help=f"attention heads of the --openai release, which does not record them "
-                             f"(default {DEFAULT_N_HEAD}, GPT-1's)")
-    parser.add_argument("--orbax", help="write an Orbax checkpoint here (fine-tuning's --config.init)")
-    parser.add_argument("--hf-out", help="write a Hugging Face model folder here")
-    args = parser.parse_args(argv)
-    if not (args.orbax or args.hf_out):
-        parser.error("give --orbax and/or --hf-out")
-    if args.n_head is not None and not args.openai:
-        parser.error("--n-head is for --openai only: the other formats record their head count")
+    """`python -m gpt1_jax.convert` (`gpt1-convert`); `argv` excludes the program name."""
+    args = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.convert", synopsis=SYNOPSIS, doc=__doc__).flags
 
     from gpt1_jax import checkpoint
 

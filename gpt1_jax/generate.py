@@ -9,23 +9,24 @@ given the cache, so decoding computes the same function as training and scoring 
 `score_continuations` gives the log-probability of candidate continuations of a context, the
 quantity the zero-shot probes of Sec. 5 compare (`gpt1_jax.zeroshot`).
 
-Command line:
-    python -m gpt1_jax.generate --checkpoint DIR --prompt "..." [--max-new-tokens N --temperature T
-        --top-k K --top-p P --seed S --greedy]
+Command line (installed as `gpt1-generate`):
+    python -m gpt1_jax.generate --checkpoint DIR --prompt "..." [--max_new_tokens N --temperature T
+        --top_k K --top_p P --seed S --greedy]
     python -m gpt1_jax.generate --hf DIR --prompt "..."      # a transformers OpenAIGPT folder
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from gpt1_jax import cli
 from gpt1_jax.model import GPT1
 
 # Rows per forward pass when scoring; a fixed batch keeps the number of compilations small.
@@ -201,20 +202,27 @@ def load_model(checkpoint_dir: str | None = None, hf_dir: str | None = None) -> 
     return convert.model_from_params(config, params)
 
 
+SYNOPSIS = "(--checkpoint DIR | --hf DIR) --prompt TEXT [--max_new_tokens N --top_p P --seed S ...]"
+
+
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    cli.define_model_flags(flag_values)
+    define = dict(flag_values=flag_values)
+    flags.DEFINE_string("prompt", None, "The text to continue.", required=True, **define)
+    flags.DEFINE_integer("max_new_tokens", 50, "How many tokens to sample (fewer if the context fills up).",
+                         **define)
+    flags.DEFINE_float("temperature", 1.0, "Divides the logits before sampling.", **define)
+    flags.DEFINE_integer("top_k", None, "Sample among the K most likely tokens only.", **define)
+    flags.DEFINE_float("top_p", None, "Nucleus sampling: the smallest set of tokens with probability >= P.", **define)
+    flags.DEFINE_integer("seed", 0, "The sampling key, jax.random.key(seed).", **define)
+    flags.DEFINE_boolean("greedy", False, "Take the most likely token at every step.", **define)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gpt1_jax.generate", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="an Orbax checkpoint of ours (pre-training or converted)")
-    source.add_argument("--hf", help="a transformers folder with config.json and model.safetensors")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=50)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--greedy", action="store_true", help="take the most likely token at every step")
-    parser.add_argument("--vocab-dir", default=None, help="folder with the BPE files (default: see vocab_files)")
-    args = parser.parse_args(argv)
+    """`python -m gpt1_jax.generate` (`gpt1-generate`); `argv` excludes the program name."""
+    command = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.generate", synopsis=SYNOPSIS,
+                        doc=__doc__)
+    args = command.flags
 
     from gpt1_jax.tokenizer import GPT1Tokenizer
 
@@ -222,13 +230,13 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = GPT1Tokenizer.from_files(args.vocab_dir)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
-        parser.error("the prompt encodes to no tokens; give some text")
+        command.fail("the prompt encodes to no tokens; give some text")
     prompt_ids = prompt_ids[-model.config.n_ctx:]
     try:
         new_ids = generate(model, prompt_ids, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
                            greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     except ValueError as err:
-        parser.error(str(err))
+        command.fail(str(err))
     print(tokenizer.decode(list(prompt_ids) + new_ids.tolist()))
 
 

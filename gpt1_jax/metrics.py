@@ -10,6 +10,7 @@ first, e.g. with the `weights` of `gpt1_jax.data.task_inputs.batches`).
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import scipy.stats
 
 
 def _pair(predictions, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -45,31 +46,26 @@ def matthews_corr(predictions, labels) -> float:
     return float((tp * tn - fp * fn) / denominator) if denominator else 0.0
 
 
+def _correlation(statistic, predictions, labels) -> float:
+    """`statistic` (a scipy.stats correlation) of the pair; 0 when either side is constant.
+
+    The correlation is undefined there and scipy would return nan with a warning; a number keeps dev
+    scores comparable when fine-tuning picks its best step by them.
+    """
+    x, y = _pair(predictions, labels)
+    if np.all(x == x[0]) or np.all(y == y[0]):
+        return 0.0
+    return float(statistic(x, y).statistic)
+
+
 def pearson(predictions, labels) -> float:
-    """Pearson correlation; 0 when either side is constant (the correlation is undefined)."""
-    x, y = (a.astype(np.float64) for a in _pair(predictions, labels))
-    x, y = x - x.mean(), y - y.mean()
-    denominator = np.sqrt(np.sum(x * x) * np.sum(y * y))
-    return float(np.sum(x * y) / denominator) if denominator else 0.0
-
-
-def average_ranks(values) -> np.ndarray:
-    """1-based ranks; tied values share the mean of the ranks they span (as Spearman's rho requires)."""
-    values = np.asarray(values)
-    order = np.argsort(values, kind="stable")
-    sorted_values = values[order]
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])  # first index of each tie group
-    ends = np.r_[starts[1:], len(values)]
-    group_rank = (starts + ends + 1) / 2.0  # mean of the 1-based ranks starts+1 .. ends
-    ranks = np.empty(len(values), np.float64)
-    ranks[order] = np.repeat(group_rank, ends - starts)
-    return ranks
+    """Pearson correlation (STS-B)."""
+    return _correlation(scipy.stats.pearsonr, predictions, labels)
 
 
 def spearman(predictions, labels) -> float:
-    """Spearman's rho: Pearson correlation of average ranks, so ties are handled exactly."""
-    predictions, labels = _pair(predictions, labels)
-    return pearson(average_ranks(predictions), average_ranks(labels))
+    """Spearman's rho (STS-B): the Pearson correlation of average ranks, so tied values share a rank."""
+    return _correlation(scipy.stats.spearmanr, predictions, labels)
 
 
 METRICS: Mapping[str, Callable[[np.ndarray, np.ndarray], float]] = {

@@ -110,11 +110,6 @@ class GPT1Config:
         return cls(**values)
 
 
-def gelu(x):
-    """GELU with the tanh approximation used by the released code."""
-    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
 def dropout(x, rate: float, key, *, shared_axes: tuple[int, ...] = ()):
     """Inverted dropout; identity when `key` is None (evaluation) or the rate is 0.
 
@@ -131,37 +126,28 @@ def _normal(rngs: nnx.Rngs, shape) -> nnx.Param:
     return nnx.Param(INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32))
 
 
-class Dense(nnx.Module):
-    """x @ kernel + bias with float32 parameters cast to the compute dtype (the original Conv1D)."""
-
-    def __init__(self, n_in: int, n_out: int, *, rngs: nnx.Rngs):
-        self.kernel = _normal(rngs, (n_in, n_out))  # [in, out]
-        self.bias = nnx.Param(jnp.zeros((n_out,), jnp.float32))
-
-    def __call__(self, x):
-        return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+def linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """x @ kernel + bias, the released code's `conv1d` (its 1x1 case): kernel [in, out] drawn from N(0, 0.02)
+    and a zero bias, both stored in float32 and cast to `dtype`, the compute dtype, for the product."""
+    return nnx.Linear(n_in, n_out, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=nnx.initializers.normal(INIT_STD), rngs=rngs)
 
 
-class LayerNorm(nnx.Module):
-    """LayerNorm with epsilon 1e-5, statistics in float32 whatever the compute dtype."""
+def _layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """The released code's `norm`: epsilon 1e-5 and the two-pass variance E[(x - E[x])^2].
 
-    def __init__(self, width: int):
-        self.scale = nnx.Param(jnp.ones((width,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((width,), jnp.float32))
-
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS) * self.scale[...] + self.bias[...]
-        return y.astype(x.dtype)
+    It runs wholly in float32 (input, statistics, gain and bias), whatever the compute dtype, so bf16
+    training normalises as precisely as float32; the caller casts the result back to the compute dtype.
+    """
+    return nnx.LayerNorm(width, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
+                         use_fast_variance=False, rngs=rngs)
 
 
 class CausalSelfAttention(nnx.Module):
     def __init__(self, config: GPT1Config, *, rngs: nnx.Rngs):
         self.config = config
-        self.qkv = Dense(config.width, 3 * config.width, rngs=rngs)
-        self.proj = Dense(config.width, config.width, rngs=rngs)
+        self.qkv = linear(config.width, 3 * config.width, config.compute_dtype, rngs)
+        self.proj = linear(config.width, config.width, config.compute_dtype, rngs)
 
     def __call__(self, x, attn_key=None, resid_key=None, *, cache=None, start=0):
         """x [batch, seq, width] at positions start..start+seq-1 -> (out [batch, seq, width], cache or None).
@@ -205,11 +191,13 @@ class CausalSelfAttention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, config: GPT1Config, *, rngs: nnx.Rngs):
         self.config = config
-        self.fc = Dense(config.width, config.mlp_width, rngs=rngs)
-        self.proj = Dense(config.mlp_width, config.width, rngs=rngs)
+        self.fc = linear(config.width, config.mlp_width, config.compute_dtype, rngs)
+        self.proj = linear(config.mlp_width, config.width, config.compute_dtype, rngs)
 
     def __call__(self, x, resid_key=None):
-        return dropout(self.proj(gelu(self.fc(x))), self.config.resid_dropout, resid_key)
+        """The position-wise feed-forward layer with the released code's tanh-approximated GELU."""
+        hidden = jax.nn.gelu(self.fc(x), approximate=True)  # [batch, seq, mlp_width]
+        return dropout(self.proj(hidden), self.config.resid_dropout, resid_key)
 
 
 class Block(nnx.Module):
@@ -217,16 +205,19 @@ class Block(nnx.Module):
 
     def __init__(self, config: GPT1Config, *, rngs: nnx.Rngs):
         self.attn = CausalSelfAttention(config, rngs=rngs)
-        self.ln_1 = LayerNorm(config.width)
+        self.ln_1 = _layer_norm(config.width, rngs)
         self.mlp = MLP(config, rngs=rngs)
-        self.ln_2 = LayerNorm(config.width)
+        self.ln_2 = _layer_norm(config.width, rngs)
 
     def __call__(self, x, key=None, *, cache=None, start=0):
-        """x [batch, seq, width] -> (h [batch, seq, width], this layer's cache as the attention returns it)."""
+        """x [batch, seq, width] -> (h [batch, seq, width], this layer's cache as the attention returns it).
+
+        The LayerNorms return float32; their outputs go back to the compute dtype of `x`.
+        """
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
         a, cache = self.attn(x, attn_key=keys[0], resid_key=keys[1], cache=cache, start=start)
-        n = self.ln_1(x + a)
-        return self.ln_2(n + self.mlp(n, resid_key=keys[2])), cache
+        n = self.ln_1(x + a).astype(x.dtype)
+        return self.ln_2(n + self.mlp(n, resid_key=keys[2])).astype(x.dtype), cache
 
 
 class GPT1(nnx.Module):
@@ -381,28 +372,6 @@ def _stacked_blocks(config: GPT1Config, rngs: nnx.Rngs) -> Block:
         return Block(config, rngs=layer_rngs)
 
     return make(rngs)
-
-
-class ClassifierHead(nnx.Module):
-    """W_y of Sec. 3.2: a linear layer on the hidden state read at the `_classify_` position."""
-
-    def __init__(self, width: int, n_out: int, *, dropout_rate: float = 0.1, rngs: nnx.Rngs):
-        self.dropout_rate = dropout_rate
-        self.dense = Dense(width, n_out, rngs=rngs)
-
-    def __call__(self, pooled, *, dropout_key=None, shared_axes: tuple[int, ...] = ()):
-        """pooled [..., width] -> float32 outputs [..., n_out].
-
-        `shared_axes`: axes of `pooled` that share one dropout mask. The released code drops the
-        `[batch, choices, width]` states with noise shape `[batch, 1, width]`, one mask per example.
-        """
-        pooled = dropout(pooled.astype(jnp.float32), self.dropout_rate, dropout_key, shared_axes=shared_axes)
-        return self.dense(pooled)
-
-
-def gather_positions(hidden, positions):
-    """hidden [batch, seq, width], positions [batch] -> [batch, width]: the state at each position."""
-    return jnp.take_along_axis(hidden, positions[:, None, None].astype(jnp.int32), axis=1)[:, 0]
 
 
 def count_params(module: nnx.Module) -> int:

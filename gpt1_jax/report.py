@@ -1,4 +1,4 @@
-"""`python -m gpt1_jax.report RUN_DIRS...`: our results next to the paper's numbers, as markdown.
+"""`python -m gpt1_jax.report RUN_DIR...` (`gpt1-report`): our results next to the paper's numbers, as markdown.
 
 A fine-tuning workdir contributes its `results.json` (best dev scores per split and the paper's
 number, Tables 2-4); a pre-training workdir its last validation perplexity from `metrics.jsonl`
@@ -8,10 +8,12 @@ draws each run's curves as PNG files.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
+from absl import flags
+
+from gpt1_jax import cli
 from gpt1_jax.run_log import METRICS_FILE, read_metrics
 
 PAPER_BOOKSCORPUS_PERPLEXITY = 18.4
@@ -58,21 +60,30 @@ def render(runs: list[pathlib.Path]) -> str:
     return "\n".join(HEADER + rows) + "\n"
 
 
+SYNOPSIS = "RUN_DIR... [--out FILE] [--plots DIR]"
+
+
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    define = dict(flag_values=flag_values)
+    flags.DEFINE_string("out", None, "Write the markdown here (default: print it).", **define)
+    flags.DEFINE_string("plots", None, "Write each run's curves as PNG files here.", **define)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gpt1_jax.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=pathlib.Path, help="train.py workdirs")
-    parser.add_argument("--out", type=pathlib.Path, help="write the markdown here (default: print it)")
-    parser.add_argument("--plots", type=pathlib.Path, help="write each run's curves as PNG files here")
-    args = parser.parse_args(argv)
-    table = render(args.runs)
+    """`python -m gpt1_jax.report RUN_DIR...` (`gpt1-report`); `argv` excludes the program name."""
+    command = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.report", synopsis=SYNOPSIS, doc=__doc__,
+                        positional="RUN_DIR (a train.py --workdir)")
+    runs = [pathlib.Path(run) for run in command.args]
+    args = command.flags
+    table = render(runs)
     if args.out:
-        args.out.write_text(table)
+        pathlib.Path(args.out).write_text(table)
     else:
         print(table, end="")
     if args.plots:
         from gpt1_jax.plots import plot_run
 
-        for run in args.runs:
+        for run in runs:
             print(f"Wrote {plot_run(run, args.plots)}")
 
 

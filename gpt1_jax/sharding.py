@@ -44,14 +44,9 @@ def make_mesh(mesh_config: ConfigDict, devices=None) -> Mesh:
 
 
 def path_name(path) -> str:
-    """'blocks/attn/qkv/kernel' for a jax tree path."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return "/".join(parts)
+    """'blocks/attn/qkv/kernel' for a jax tree path: the plain dict keys, attribute names (optax states)
+    and list indices joined by '/', the form `PARTITION_RULES` are written against."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:

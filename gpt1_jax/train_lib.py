@@ -1,4 +1,9 @@
-"""Generative pre-training (objective L1, Sec. 3.1): the sharded train step and the loop.
+"""The training loop both recipes share: one sharded jit step, the guarded update, and `run`.
+
+Pre-training (`gpt1_jax.pretrain`, objective L1) and fine-tuning (`gpt1_jax.finetune`, L3) differ only in
+their loss, their batches and their evaluation. Each plugs those into a `Recipe`; compiling with
+shardings and donation, gradient accumulation, the non-finite guard, logging, checkpoints, SIGTERM and
+multi-host preemption notices, pauses (`train.stop_at`) and profiling (`train.profile_steps`) live here once.
 
 The train step is one `jax.jit` over global arrays placed on a (data, fsdp) mesh: no pmap, no
 per-step device-to-host transfer (metrics are fetched at logging steps only), buffers donated.
@@ -8,13 +13,11 @@ restarted from its latest checkpoint reproduces the uninterrupted run bit for bi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import logging
-import math
-import pathlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Iterator
 
 import flax
 import jax
@@ -23,14 +26,12 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from gpt1_jax import checkpoint, config_check, optim, sharding
-from gpt1_jax.losses import lm_loss_sum
-from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax import checkpoint, config_check, sharding
 from gpt1_jax.preemption import StopRequest
 from gpt1_jax.run_log import RunLog
-from gpt1_jax.zeroshot_tracking import ZeroShotTracker
 
-log = logging.getLogger(__name__)
+# loss_fn(params, batch, dropout_key) -> (scalar loss, {name: scalar}), averaged over the batch's rows.
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]
 
 
 class NonFiniteError(FloatingPointError):
@@ -56,11 +57,11 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
                       nonfinite_steps=jnp.zeros((), jnp.int32), first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
-def guarded_update(state: TrainState, grads, loss, optimizer, nonfinite: str) -> tuple[TrainState, jax.Array]:
+def guarded_update(state: TrainState, grads, loss, optimizer) -> tuple[TrainState, jax.Array]:
     """Apply the optimizer unless the loss or the gradients are not finite.
 
-    A non-finite step never changes the parameters, so the bad state can never be checkpointed;
-    `nonfinite="stop"` makes the host raise at its next check, "skip" counts and carries on.
+    A non-finite step never changes the parameters, so the bad state can never be checkpointed; the
+    host decides at its next check whether to stop (`train.nonfinite="stop"`) or carry on ("skip").
     """
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -75,8 +76,8 @@ def guarded_update(state: TrainState, grads, loss, optimizer, nonfinite: str) ->
     return new_state, grad_norm
 
 
-def accumulate_gradients(loss_fn: Callable, params, batch, accum: int, key):
-    """Mean loss and gradients over `accum` micro-batches of the batch's leading axis.
+def accumulate_gradients(loss_fn: LossFn, params, batch, accum: int, key):
+    """Mean loss, aux and gradients over `accum` micro-batches of the batch's leading axis.
 
     Rows are grouped so each device keeps its own rows: row r goes to micro-batch r % accum.
     """
@@ -98,63 +99,22 @@ def accumulate_gradients(loss_fn: Callable, params, batch, accum: int, key):
     return loss / accum, jax.tree.map(lambda a: a / accum, aux), jax.tree.map(lambda g: g / accum, grads)
 
 
-def make_lm_train_step(graphdef, optimizer, schedule, config: ConfigDict):
-    """(state, tokens [batch, n_ctx + 1]) -> (state, metrics); tokens sharded over the data axes."""
+def make_train_step(loss_fn: LossFn, optimizer, schedule, config: ConfigDict):
+    """(state, batch) -> (state, metrics): one guarded update on `loss_fn`, dropout keyed by (seed, step)."""
     base_key = jax.random.key(config.seed)
-    chunk = config.train.loss_chunk
 
-    def loss_fn(params, tokens, key):
-        model = nnx.merge(graphdef, params)
-        hidden = model(tokens[:, :-1], dropout_key=key)  # [batch, n_ctx, width]
-        total, count = lm_loss_sum(model, hidden, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape),
-                                   table=model.head_table(dropout_key=key), chunk=chunk)
-        return total / count, None
-
-    def train_step(state: TrainState, tokens):
+    def train_step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.fold_in(base_key, 0), state.step)  # stream 0: dropout
-        loss, _, grads = accumulate_gradients(loss_fn, state.params, tokens, config.train.grad_accum_steps, key)
-        new_state, grad_norm = guarded_update(state, grads, loss, optimizer, config.train.nonfinite)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, config.train.grad_accum_steps, key)
+        new_state, grad_norm = guarded_update(state, grads, loss, optimizer)
+        return new_state, {"loss": loss, **aux, "grad_norm": grad_norm, "lr": schedule(state.step)}
 
     return train_step
 
 
-def make_lm_eval_step(graphdef, config: ConfigDict):
-    """(params, tokens [batch, n_ctx + 1], weights [batch]) -> (sum NLL, number of tokens)."""
-
-    def eval_step(params, tokens, weights):
-        model = nnx.merge(graphdef, params)
-        hidden = model(tokens[:, :-1])
-        token_weights = jnp.broadcast_to(weights[:, None], tokens[:, 1:].shape)
-        return lm_loss_sum(model, hidden, tokens[:, 1:], token_weights, chunk=config.train.loss_chunk)
-
-    return eval_step
-
-
-def train_flops_per_token(cfg: GPT1Config, seq: int) -> float:
-    """Model FLOPs of forward + backward per token (3 x forward), counting matmuls only."""
-    per_layer = 2 * (3 * cfg.width**2 + cfg.width**2 + 2 * cfg.width * cfg.mlp_width) + 2 * 2 * seq * cfg.width
-    forward = cfg.n_layer * per_layer + 2 * cfg.width * cfg.n_vocab
-    return 3.0 * forward
-
-
-PEAK_FLOPS = {  # bfloat16 dense peak per device; used for MFU when train.peak_flops is 0.
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-}
-
-
-def peak_flops(config: ConfigDict) -> float:
-    if config.train.peak_flops > 0:
-        return config.train.peak_flops * jax.device_count()
-    kind = jax.devices()[0].device_kind
-    return PEAK_FLOPS.get(kind, math.nan) * jax.device_count()
-
-
 @dataclasses.dataclass
 class Compiled:
-    """The model graph, mesh, shardings and jitted functions of one run."""
+    """The model graph, mesh, shardings and jitted train step of one run."""
 
     graphdef: Any
     mesh: jax.sharding.Mesh
@@ -163,24 +123,24 @@ class Compiled:
     abstract_state: TrainState
 
 
-def compile_run(config: ConfigDict, model_cfg: GPT1Config, optimizer, schedule, make_step) -> Compiled:
-    """Shapes, shardings and the jitted step for `model_cfg` on the configured mesh."""
+def compile_run(config: ConfigDict, abstract_model: nnx.Module, optimizer, schedule,
+                make_loss: Callable[[Any], LossFn], batch_ndims) -> Compiled:
+    """Shapes, shardings and the jitted, donating train step for a model given without values.
+
+    make_loss(graphdef) builds the recipe's loss; batch_ndims is a pytree of the batch's array ranks,
+    each array sharded over the data axes on its leading dimension.
+    """
     mesh = sharding.make_mesh(config.mesh)
-    abstract_model = nnx.eval_shape(lambda: GPT1(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model)
-    abstract_params = nnx.to_pure_dict(abstract_params)
-    abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params)
+    abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), nnx.to_pure_dict(abstract_params))
     state_shardings = sharding.tree_shardings(abstract_state, mesh)
-    step_fn = make_step(graphdef, optimizer, schedule, config)
-    train_step = jax.jit(step_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+    batch_shardings = jax.tree.map(lambda ndim: sharding.batch_sharding(mesh, ndim), batch_ndims)
+    train_step = jax.jit(make_train_step(make_loss(graphdef), optimizer, schedule, config),
+                         in_shardings=(state_shardings, batch_shardings),
                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_shardings)
     return Compiled(graphdef, mesh, state_shardings, train_step, abstract_state)
-
-
-def initial_params(model_cfg: GPT1Config, seed: int) -> dict:
-    return nnx.to_pure_dict(nnx.state(GPT1(model_cfg, rngs=nnx.Rngs(params=seed))))
 
 
 def place_state(params, optimizer, compiled: Compiled) -> TrainState:
@@ -212,91 +172,105 @@ def check_finite(state: TrainState, config: ConfigDict, checkpointer: checkpoint
     return bad
 
 
-def run_metadata(config: ConfigDict, model_cfg: GPT1Config, tokenizer_identity: str, kind: str) -> dict:
-    return {"model_config": model_cfg.to_dict(), "tokenizer": tokenizer_identity, "kind": kind,
+def run_metadata(config: ConfigDict, model_config: dict, tokenizer_identity: str, kind: str) -> dict:
+    """What every checkpoint of a run records beside its arrays (read by fine-tuning and the report)."""
+    return {"model_config": model_config, "tokenizer": tokenizer_identity, "kind": kind,
             "config": json.loads(config.to_json_best_effort())}
 
 
-def pretrain(config: ConfigDict, workdir: str) -> dict[str, float]:
-    """Pre-train with objective L1 until `train.num_steps`; resumes from the workdir's latest checkpoint."""
-    from gpt1_jax.data.lm_pipeline import LMData
+@dataclasses.dataclass
+class Recipe:
+    """What a recipe plugs into `run`.
 
-    workdir_path = pathlib.Path(workdir)
-    model_cfg = config_check.model_config(config)
-    config_check.check_pretrain(config, model_cfg)
-    config_check.claim_workdir(workdir_path, config)
-    data = LMData.build(config)
-    probes = ZeroShotTracker(config, data.tokenizer)
-    total_steps = config.train.num_steps
-    schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
-    abstract_params = jax.eval_shape(lambda: initial_params(model_cfg, 0))
-    optimizer = optim.make_optimizer(config.optimizer, total_steps, abstract_params)
-    compiled = compile_run(config, model_cfg, optimizer, schedule, make_lm_train_step)
-    eval_step = jax.jit(make_lm_eval_step(compiled.graphdef, config))
-    checkpointer = checkpoint.TrainCheckpointer(workdir_path / "checkpoints", keep=config.checkpoint.keep,
-                                                async_save=config.checkpoint.async_save)
-    state, resumed = restore_or_init(checkpointer, compiled, lambda: initial_params(model_cfg, config.seed), optimizer)
+    batches(start): a context manager over the global batches of updates start + 1 .. total_steps.
+    evaluate(done, state): scalars to log after update `done`, {} when no evaluation is due.
+    derived(scalars, seconds_per_step): scalars computed from a logged step's metrics and the time per
+        update (perplexity, tokens/s, MFU), logged beside them.
+    save_due(done): checkpoints besides every `checkpoint.every` steps, the last step, stops and pauses.
+    """
+
+    total_steps: int
+    batches: Callable[[int], ContextManager[Iterator[Any]]]
+    evaluate: Callable[[int, TrainState], dict[str, float]]
+    metadata: dict
+    derived: Callable[[dict, float], dict[str, float]] = lambda scalars, seconds_per_step: {}
+    save_due: Callable[[int], bool] = lambda done: False
+
+
+class StepProfiler:
+    """A `jax.profiler` trace of updates first..last (`train.profile_steps`), for TensorBoard's Profile tab.
+
+    The trace goes under the run's TensorBoard folder, beside the scalars, so `tensorboard --logdir
+    WORKDIR/tensorboard` shows both. Compilation happens at the first step of a (re)start, so profile
+    later steps to see the steady state.
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, log_dir: str):
+        self.steps, self.log_dir, self.active = steps, log_dir, False
+
+    def before(self, done: int) -> None:
+        if self.steps and done == self.steps[0]:
+            jax.profiler.start_trace(self.log_dir)
+            self.active = True
+
+    def after(self, done: int, result) -> None:
+        if self.active and done == self.steps[1]:
+            self.stop(result)
+
+    def stop(self, result=None) -> None:
+        if self.active:
+            jax.block_until_ready(result)
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+def run(config: ConfigDict, compiled: Compiled, state: TrainState, checkpointer: checkpoint.TrainCheckpointer,
+        run_log: RunLog, recipe: Recipe) -> tuple[TrainState, dict[str, float]]:
+    """Train from `state` to `recipe.total_steps`; returns the final state and the last scalars logged.
+
+    A SIGTERM/SIGINT, a preemption notice reaching any process of a multi-host run, or `train.stop_at`
+    finishes the update in flight, saves it and returns with `"stopped_at"` set; rerunning the same
+    command resumes from there.
+    """
     start = int(state.step)
-    metadata = run_metadata(config, model_cfg, data.tokenizer.fingerprint, kind="pretrain")
-    run_log = RunLog(workdir_path, total_steps=total_steps, initial_step=start, description="pre-train")
-    if resumed:
-        run_log.message(f"Resumed from step {start} in {checkpointer.directory}.")
-    run_log.message(f"Unigram baseline perplexity on validation: {data.unigram_perplexity:.1f}")
-    flops = train_flops_per_token(model_cfg, model_cfg.n_ctx) * config.train.batch_size * model_cfg.n_ctx
     final: dict[str, float] = {}
-    try:
-        with StopRequest() as stop, data.batches(start, total_steps) as batches:
-            last_time, last_step = time.perf_counter(), start
-            for step, local_tokens in batches:
-                state, metrics = compiled.train_step(state, sharding.global_batch(local_tokens, compiled.mesh))
-                done = step + 1
-                run_log.advance()
-                if done % config.train.log_every == 0 or done == total_steps:
-                    check_finite(state, config, checkpointer)
-                    now = time.perf_counter()
-                    seconds_per_step = (now - last_time) / (done - last_step)
-                    last_time, last_step = now, done
-                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    scalars["perplexity"] = math.exp(min(scalars["loss"], 50.0))
-                    scalars["tokens_per_s"] = config.train.batch_size * model_cfg.n_ctx / seconds_per_step
-                    scalars["mfu"] = flops / seconds_per_step / peak_flops(config)
-                    scalars["nonfinite_steps"] = float(state.nonfinite_steps)
-                    run_log.write(done, scalars)
-                    final.update(scalars)
-                if config.train.eval_every and (done % config.train.eval_every == 0 or done == total_steps):
-                    val = evaluate_lm(eval_step, state.params, data, compiled.mesh)
-                    run_log.write(done, val)
-                    final.update(val)
-                if probes.due(done):
-                    scores = probes.evaluate(compiled.graphdef, state.params)
-                    run_log.write(done, scores)
-                    final.update(scores)
-                pause = done == config.train.stop_at
-                if jax.process_count() > 1 and checkpointer.reached_preemption(done):
-                    stop.request("preemption notice")
-                if done % config.checkpoint.every == 0 or done == total_steps or stop.requested or pause:
-                    check_finite(state, config, checkpointer)
-                    checkpointer.save(done, state.params, state.rest(), metadata)
-                if pause:
-                    run_log.message(f"Paused at train.stop_at={done}; rerun the command without it to go on.")
-                    break
-                if stop.requested:
-                    checkpointer.wait()
-                    run_log.message(f"{stop.signal_name}: saved step {done} to {checkpointer.directory}; "
-                                    "rerun the same command to resume.")
-                    final["stopped_at"] = float(done)
-                    break
-    finally:
-        checkpointer.close()
-        run_log.close()
-    return final
-
-
-def evaluate_lm(eval_step, params, data, mesh) -> dict[str, float]:
-    """Validation loss and perplexity over the fixed held-out windows."""
-    total, count = 0.0, 0.0
-    for batch in data.validation:
-        nll, n = eval_step(params, *sharding.global_batch((batch.tokens, batch.weights), mesh))
-        total, count = total + float(nll), count + float(n)
-    loss = total / max(count, 1.0)
-    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    profiler = StepProfiler(config_check.profile_window(config), str(run_log.workdir / "tensorboard"))
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(StopRequest())
+        batches = stack.enter_context(recipe.batches(start))
+        stack.callback(profiler.stop)
+        last_time, last_step = time.perf_counter(), start
+        for done, batch in zip(range(start + 1, recipe.total_steps + 1), batches):
+            profiler.before(done)
+            state, metrics = compiled.train_step(state, batch)
+            profiler.after(done, metrics)
+            run_log.advance()
+            if done % config.train.log_every == 0 or done == recipe.total_steps:
+                check_finite(state, config, checkpointer)
+                now = time.perf_counter()
+                seconds_per_step = (now - last_time) / (done - last_step)
+                last_time, last_step = now, done
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                scalars.update(recipe.derived(scalars, seconds_per_step))
+                scalars["nonfinite_steps"] = float(state.nonfinite_steps)
+                run_log.write(done, scalars)
+                final.update(scalars)
+            scores = recipe.evaluate(done, state)
+            if scores:
+                run_log.write(done, scores)
+                final.update(scores)
+            pause = done == config.train.stop_at
+            if jax.process_count() > 1 and checkpointer.reached_preemption(done):
+                stop.request("preemption notice")
+            if (done % config.checkpoint.every == 0 or done == recipe.total_steps or recipe.save_due(done)
+                    or stop.requested or pause):
+                check_finite(state, config, checkpointer)
+                checkpointer.save(done, state.params, state.rest(), recipe.metadata)
+            if pause or stop.requested:
+                checkpointer.wait()
+                reason = f"Paused at train.stop_at={done}" if pause else f"{stop.signal_name} at step {done}"
+                run_log.message(f"{reason}: saved step {done} to {checkpointer.directory}; rerun the same command "
+                                "(without train.stop_at) to resume.")
+                final["stopped_at"] = float(done)
+                break
+    return state, final

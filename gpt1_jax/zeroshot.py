@@ -12,18 +12,18 @@ heuristics on its probabilities:
                uses no labels, and predicts half of them acceptable).
 Contexts longer than n_ctx are cut from the left (see `generate.score_pairs`).
 
-Command line:
-    python -m gpt1_jax.zeroshot --checkpoint DIR --task sst2 [--max-examples N] [--split validation]
+Command line (installed as `gpt1-zeroshot`):
+    python -m gpt1_jax.zeroshot --checkpoint DIR --task sst2 [--max_examples N] [--split validation]
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Callable, Sequence
 
 import numpy as np
+from absl import flags
 
-from gpt1_jax import metrics
+from gpt1_jax import cli, metrics
 from gpt1_jax.data.task_readers import Example
 from gpt1_jax.generate import score_pairs
 from gpt1_jax.model import GPT1
@@ -111,17 +111,21 @@ def run_probe(model: GPT1, tokenizer: GPT1Tokenizer, task: str, examples: Sequen
     return PROBES[task][0](model, tokenizer, examples)
 
 
+SYNOPSIS = "(--checkpoint DIR | --hf DIR) --task TASK [--split SPLIT] [--max_examples N] [--data_root DIR]"
+
+
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    cli.define_model_flags(flag_values)
+    define = dict(flag_values=flag_values)
+    flags.DEFINE_enum("task", None, sorted(PROBES), "The task to probe.", required=True, **define)
+    flags.DEFINE_string("split", "validation", "A labelled split of the task.", **define)
+    flags.DEFINE_integer("max_examples", None, "Evaluate only the first N examples.", **define)
+    flags.DEFINE_string("data_root", None, "Data folder (default: $GPT1_JAX_DATA).", **define)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gpt1_jax.zeroshot", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="an Orbax checkpoint of ours (pre-training or converted)")
-    source.add_argument("--hf", help="a transformers folder with config.json and model.safetensors")
-    parser.add_argument("--task", required=True, choices=sorted(PROBES))
-    parser.add_argument("--split", default="validation", help="a labelled split of the task")
-    parser.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N examples")
-    parser.add_argument("--data-root", default=None, help="data folder (default: $GPT1_JAX_DATA)")
-    parser.add_argument("--vocab-dir", default=None, help="folder with the BPE files (default: see vocab_files)")
-    args = parser.parse_args(argv)
+    """`python -m gpt1_jax.zeroshot` (`gpt1-zeroshot`); `argv` excludes the program name."""
+    args = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.zeroshot", synopsis=SYNOPSIS, doc=__doc__).flags
 
     from gpt1_jax.data.task_readers import read_task
     from gpt1_jax.generate import load_model

@@ -14,24 +14,37 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from gpt1_jax import finetune_data, tasks, zeroshot
-from gpt1_jax.config_check import ConfigError, zeroshot_probe_names
+from gpt1_jax import tasks, zeroshot
+from gpt1_jax.config_check import ConfigError
+from gpt1_jax.data.task_inputs import read_split
 from gpt1_jax.data.task_readers import Example
 from gpt1_jax.tokenizer import GPT1Tokenizer
+
+
+def probe_names(config: ConfigDict) -> list[str]:
+    """The tasks of `zeroshot.tasks` (comma-separated), checked against the available probes."""
+    names = [name.strip() for name in config.zeroshot.tasks.split(",") if name.strip()]
+    unknown = [name for name in names if name not in zeroshot.PROBES]
+    if unknown:
+        raise ConfigError(f"zeroshot.tasks: no zero-shot probe for {unknown}; available: "
+                          f"{', '.join(sorted(zeroshot.PROBES))}.")
+    if config.zeroshot.every < 0 or config.zeroshot.max_examples < 0:
+        raise ConfigError("zeroshot.every and zeroshot.max_examples must be >= 0 (0: every eval step, all examples).")
+    return names
 
 
 class ZeroShotTracker:
     """Scores a model on fixed examples of each probe task; `due(step)` says when."""
 
     def __init__(self, config: ConfigDict, tokenizer: GPT1Tokenizer):
-        self.names = zeroshot_probe_names(config)
+        self.names = probe_names(config)
         self.every = config.zeroshot.every or config.train.eval_every
         self.last_step = config.train.num_steps
         self.tokenizer = tokenizer
         self.examples: dict[str, list[Example]] = {}
         for name in self.names:
             try:
-                examples = finetune_data.read_split(tasks.get_task(name), config.zeroshot.split, config)
+                examples = read_split(tasks.get_task(name), config.zeroshot.split, config)
             except (OSError, ValueError) as err:
                 raise ConfigError(f"zeroshot.tasks={name!r}, zeroshot.split={config.zeroshot.split!r}: {err}") from err
             self.examples[name] = examples[:config.zeroshot.max_examples or None]

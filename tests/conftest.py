@@ -40,12 +40,50 @@ def tiny_pretraining(tmp_path_factory, data_root, token_cache_dir) -> pathlib.Pa
     test's included: 200 steps are too few for Story Cloze to gain from them).
     """
     from configs import tiny_pretrain
-    from gpt1_jax import train_lib
+    from gpt1_jax import pretrain
 
     config = tiny_pretrain.get_config()
     config.data.cache_dir = str(token_cache_dir)
     config.checkpoint.every = config.train.num_steps
     config.checkpoint.async_save = False
     workdir = tmp_path_factory.mktemp("tiny_pretraining")
-    train_lib.pretrain(config, str(workdir))
+    pretrain.pretrain(config, str(workdir))
     return workdir
+
+
+@pytest.fixture(scope="session")
+def books(data_root) -> pathlib.Path:
+    return data_root / "corpus" / "gutenberg"
+
+
+class _CharTokenizer:
+    """Stands in for GPT1Tokenizer in cache-logic tests: one id per character, calls counted."""
+
+    def __init__(self, fingerprint="char-v1", offset=0):
+        self.fingerprint = fingerprint
+        self.offset = offset
+        self.calls = 0
+
+    def encode_batch(self, texts, *, num_workers=None, progress=False):
+        self.calls += 1
+        return [[ord(c) + self.offset for c in text] for text in texts]
+
+
+@pytest.fixture
+def char_tokenizer() -> type:
+    """The stand-in tokenizer class: call it for a fresh instance, subclass it to make one fail."""
+    return _CharTokenizer
+
+
+@pytest.fixture
+def write_corpus():
+    """write_corpus(folder, texts): one file per text, read back as a one-process FileCorpus."""
+    from gpt1_jax.data import text_sources
+
+    def write(folder, texts):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, text in enumerate(texts):
+            (folder / f"doc{i:03d}.txt").write_text(text)
+        return text_sources.FileCorpus(str(folder / "*.txt"), process_index=0, process_count=1)
+
+    return write

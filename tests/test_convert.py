@@ -139,7 +139,7 @@ def test_cli_n_head_reaches_the_orbax_checkpoint(tmp_path):
     (tmp_path / "release").mkdir()
     write_original_release(tmp_path / "release", SMALL_HF)
     subprocess.run([sys.executable, "-m", "gpt1_jax.convert", "--openai", str(tmp_path / "release"),
-                    "--orbax", str(tmp_path / "ckpt"), "--n-head", "4"], check=True)
+                    "--orbax", str(tmp_path / "ckpt"), "--n_head", "4"], check=True)
     config, params, _ = checkpoint.load_pretrained(tmp_path / "ckpt")
     expected_config, expected = load_openai_original(tmp_path / "release", n_head=4)
     assert config.n_head == 4 and config == expected_config

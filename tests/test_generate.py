@@ -87,7 +87,7 @@ def test_generation_stops_at_n_ctx(hf_pair):
 def test_cli_generates_from_orbax_checkpoint(tmp_path, capsys, data_root):
     cfg = GPT1Config(n_ctx=16, width=8, n_head=2, n_layer=1, mlp_width=16)
     checkpoint.save_pretrained(tmp_path / "ckpt", GPT1(cfg, rngs=nnx.Rngs(0)))
-    main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "The quick brown fox", "--max-new-tokens", "4",
-          "--top-k", "5", "--seed", "3", "--vocab-dir", str(data_root / "gpt1_vocab")])
+    main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "The quick brown fox", "--max_new_tokens", "4",
+          "--top_k", "5", "--seed", "3", "--vocab_dir", str(data_root / "gpt1_vocab")])
     words = capsys.readouterr().out.split()
     assert words[:4] == ["the", "quick", "brown", "fox"] and len(words) >= 5

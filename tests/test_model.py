@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from gpt1_jax.convert import model_from_params, params_of
-from gpt1_jax.model import GPT1, ClassifierHead, GPT1Config, count_params, gather_positions
+from gpt1_jax.model import GPT1, Block, GPT1Config, count_params
 
 TINY = GPT1Config(vocab_size=300, n_ctx=32, width=48, n_head=4, n_layer=3, mlp_width=96, vocab_pad_multiple=128)
 
@@ -32,6 +32,70 @@ def test_init_is_normal_002_with_zero_biases_and_unit_gains():
     # Each layer is drawn independently, not copied.
     kernels = model.blocks.attn.qkv.kernel[...]
     assert kernels.shape[0] == 2 and not np.allclose(kernels[0], kernels[1])
+
+
+def test_parameter_paths_shapes_and_dtypes_match_saved_checkpoints():
+    """Checkpoints store the state by these paths; any change would strand every existing checkpoint."""
+    state = nnx.to_pure_dict(nnx.state(GPT1(TINY, rngs=nnx.Rngs(0)), nnx.Param))
+    layout = {jax.tree_util.keystr(path, simple=True, separator="/"): (leaf.shape, leaf.dtype)
+              for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+    f32 = jnp.float32
+    assert layout == {
+        "tokens_embed": ((384, 48), f32), "positions_embed": ((32, 48), f32),
+        "blocks/attn/qkv/kernel": ((3, 48, 144), f32), "blocks/attn/qkv/bias": ((3, 144), f32),
+        "blocks/attn/proj/kernel": ((3, 48, 48), f32), "blocks/attn/proj/bias": ((3, 48), f32),
+        "blocks/ln_1/scale": ((3, 48), f32), "blocks/ln_1/bias": ((3, 48), f32),
+        "blocks/mlp/fc/kernel": ((3, 48, 96), f32), "blocks/mlp/fc/bias": ((3, 96), f32),
+        "blocks/mlp/proj/kernel": ((3, 96, 48), f32), "blocks/mlp/proj/bias": ((3, 48), f32),
+        "blocks/ln_2/scale": ((3, 48), f32), "blocks/ln_2/bias": ((3, 48), f32),
+    }
+
+
+def _one_block(dtype: str) -> Block:
+    """An unstacked block with gains and biases away from 1 and 0, so every term of the layers counts."""
+    block = Block(TINY.replace(dtype=dtype), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    for layer in (block.ln_1, block.ln_2, block.attn.qkv, block.mlp.fc):
+        layer.bias[...] = jnp.asarray(rng.normal(0.0, 0.3, layer.bias.shape), jnp.float32)
+    block.ln_1.scale[...] = jnp.asarray(rng.normal(1.0, 0.3, (TINY.width,)), jnp.float32)
+    return block
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_casts_float32_parameters_to_the_compute_dtype(dtype):
+    block = _one_block(dtype)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 5, TINY.width)), dtype)
+    kernel, bias = block.attn.qkv.kernel[...], block.attn.qkv.bias[...]
+    assert kernel.dtype == bias.dtype == jnp.float32
+    out = block.attn.qkv(x)
+    assert out.dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(out, x @ kernel.astype(dtype) + bias.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_norm_statistics_are_float32_two_pass_with_epsilon_1e_5(dtype):
+    """A common offset of 30 makes E[x^2] - E[x]^2 lose ~1e-4 of the variance to cancellation, and bf16
+    statistics or gains lose ~1e-2; only the released code's float32 E[(x - E[x])^2] stays within 2e-5."""
+    block = _one_block(dtype)
+    x = jnp.asarray(30.0 + np.random.default_rng(3).normal(size=(4, TINY.width)), dtype)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    centred = x64 - x64.mean(-1, keepdims=True)
+    scale, bias = (np.asarray(p[...], np.float64) for p in (block.ln_1.scale, block.ln_1.bias))
+    want = centred / np.sqrt(np.mean(centred**2, -1, keepdims=True) + 1e-5) * scale + bias
+    got = block.ln_1(x)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    assert block(x[None])[0].dtype == jnp.dtype(dtype)  # the block returns to the compute dtype
+
+
+def test_mlp_uses_the_tanh_approximation_of_gelu():
+    """The released code's gelu is 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); the exact erf form
+    differs from it by up to ~1e-3, far above this tolerance."""
+    block = _one_block("float32")
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, TINY.width)), jnp.float32)
+    h = block.mlp.fc(x)
+    gelu = 0.5 * h * (1.0 + jnp.tanh(np.sqrt(2.0 / np.pi) * (h + 0.044715 * h**3)))
+    np.testing.assert_allclose(block.mlp(x), block.mlp.proj(gelu), atol=1e-6)
 
 
 def test_scanned_and_unrolled_layers_give_the_same_output():
@@ -152,14 +216,6 @@ def test_bfloat16_compute_keeps_float32_parameters_and_stays_close():
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(out.astype(jnp.float32), model(x), atol=0.1)
     assert bf16.logits(out).dtype == jnp.float32
-
-
-def test_classifier_head_reads_the_state_at_the_given_positions():
-    hidden = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
-    picked = hidden[jnp.array([0, 1]), jnp.array([4, 1])]
-    np.testing.assert_array_equal(gather_positions(hidden, jnp.array([4, 1])), picked)
-    head = ClassifierHead(3, 2, rngs=nnx.Rngs(0))
-    assert head(gather_positions(hidden, jnp.array([4, 1]))).shape == (2, 2)
 
 
 @pytest.mark.parametrize("changes,key", [

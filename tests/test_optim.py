@@ -10,7 +10,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs import tiny_pretrain
-from gpt1_jax import config_check, optim, train_lib
+from gpt1_jax import config_check, optim, pretrain
 
 
 def test_learning_rate_schedule_follows_the_papers_formula():
@@ -50,7 +50,7 @@ def test_weight_decay_skips_biases_and_gains_but_not_matrices(kind):
     config.optimizer.grad_clip_norm = 0.0
     config.optimizer.schedule = "constant"
     opt = config.optimizer
-    params = train_lib.initial_params(config_check.model_config(config), 0)
+    params = pretrain.initial_params(pretrain.model_config(config), 0)
     optimizer = optim.make_optimizer(opt, 10, params)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)

@@ -5,7 +5,7 @@ import json
 import pytest
 from ml_collections import ConfigDict
 
-from gpt1_jax import train_lib
+from gpt1_jax import pretrain
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data.lm_pipeline import LMData
 from gpt1_jax.run_log import read_metrics
@@ -31,11 +31,11 @@ def test_tiny_config_falls_well_below_the_unigram_baseline(tiny_pretraining):
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, token_cache_dir):
     straight = tmp_path / "straight"
-    train_lib.pretrain(tiny_config(token_cache_dir), str(straight))
+    pretrain.pretrain(tiny_config(token_cache_dir), str(straight))
     resumed = tmp_path / "resumed"
-    first_half = train_lib.pretrain(tiny_config(token_cache_dir, **{"train.stop_at": 3}), str(resumed))
+    first_half = pretrain.pretrain(tiny_config(token_cache_dir, **{"train.stop_at": 3}), str(resumed))
     assert first_half["loss"] == losses(straight)[3]
-    train_lib.pretrain(tiny_config(token_cache_dir), str(resumed))
+    pretrain.pretrain(tiny_config(token_cache_dir), str(resumed))
     assert losses(resumed) == losses(straight)
     assert_trees_equal(final_params(resumed), final_params(straight))
 
@@ -43,9 +43,9 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, token_cache_d
 def test_gradient_accumulation_gives_the_same_update(tmp_path, token_cache_dir):
     no_dropout = {"model.embd_dropout": 0.0, "model.attn_dropout": 0.0, "model.resid_dropout": 0.0,
                   "train.num_steps": 2, "checkpoint.every": 2}
-    train_lib.pretrain(tiny_config(token_cache_dir, **no_dropout), str(tmp_path / "one"))
+    pretrain.pretrain(tiny_config(token_cache_dir, **no_dropout), str(tmp_path / "one"))
     four = tiny_config(token_cache_dir, **no_dropout, **{"train.grad_accum_steps": 4})
-    train_lib.pretrain(four, str(tmp_path / "four"))
+    pretrain.pretrain(four, str(tmp_path / "four"))
     for step, loss in losses(tmp_path / "one").items():
         assert losses(tmp_path / "four")[step] == pytest.approx(loss, rel=1e-5)
     assert_trees_equal(final_params(tmp_path / "one"), final_params(tmp_path / "four"), atol=1e-6)
@@ -61,7 +61,7 @@ def test_gradient_accumulation_gives_the_same_update(tmp_path, token_cache_dir):
 ])
 def test_bad_configs_fail_before_compiling_and_name_the_key(tmp_path, token_cache_dir, overrides, key):
     with pytest.raises((ValueError, ConfigError), match=key.replace(".", r"\.")):
-        train_lib.pretrain(tiny_config(token_cache_dir, **overrides), str(tmp_path))
+        pretrain.pretrain(tiny_config(token_cache_dir, **overrides), str(tmp_path))
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
@@ -70,18 +70,18 @@ def test_empty_and_too_short_corpora_are_refused(tmp_path, token_cache_dir):
     (tmp_path / "short.txt").write_text("Just a few words of text.")
     with pytest.raises(ValueError, match="data.source"):
         empty = tiny_config(token_cache_dir, **{"data.source": str(tmp_path / "empty.txt")})
-        train_lib.pretrain(empty, str(tmp_path / "a"))
+        pretrain.pretrain(empty, str(tmp_path / "a"))
     with pytest.raises(ValueError, match=r"model\.n_ctx"):
         short = tiny_config(token_cache_dir, **{"data.source": str(tmp_path / "short.txt")})
-        train_lib.pretrain(short, str(tmp_path / "b"))
+        pretrain.pretrain(short, str(tmp_path / "b"))
 
 
 def test_a_workdir_of_another_run_is_refused_unless_starting_over(tmp_path, token_cache_dir):
-    train_lib.pretrain(tiny_config(token_cache_dir, **{"train.num_steps": 1, "checkpoint.every": 1}), str(tmp_path))
+    pretrain.pretrain(tiny_config(token_cache_dir, **{"train.num_steps": 1, "checkpoint.every": 1}), str(tmp_path))
     other = tiny_config(token_cache_dir, **{"train.num_steps": 1, "checkpoint.every": 1, "seed": 7})
     with pytest.raises(ConfigError, match="seed.*start_over"):
-        train_lib.pretrain(other, str(tmp_path))
+        pretrain.pretrain(other, str(tmp_path))
     other.start_over = True
-    train_lib.pretrain(other, str(tmp_path))
+    pretrain.pretrain(other, str(tmp_path))
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("previous-")]
     assert len(kept) == 1 and (kept[0] / "checkpoints").is_dir()

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from gpt1_jax import checkpoint, train_lib
+from gpt1_jax import checkpoint, pretrain, train_lib
 from gpt1_jax.run_log import read_metrics
 from pretrain_helpers import (
     REPO,
@@ -36,7 +36,7 @@ def start_train_py(config, workdir) -> subprocess.Popen:
 def test_kill_9_at_three_random_points_then_resume_is_bitwise_equal(tmp_path, token_cache_dir):
     config = tiny_config(token_cache_dir,
                          **{"train.num_steps": 16, "checkpoint.every": 2, "checkpoint.async_save": True})
-    train_lib.pretrain(config, str(tmp_path / "straight"))
+    pretrain.pretrain(config, str(tmp_path / "straight"))
     workdir = tmp_path / "killed"
     rng = random.Random(1234)
     for kill_after in sorted(rng.sample(range(2, 15), 3)):
@@ -63,15 +63,15 @@ def test_sigterm_saves_the_current_step_and_exits_0_within_seconds(tmp_path, tok
     steps = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", keep=3).steps()
     last_logged = max(m["step"] for m in read_metrics(tmp_path))
     assert steps and steps[-1] >= last_logged and steps[-1] % 10_000 != 0
-    assert "SIGTERM: saved step" in output and "rerun the same command" in output
+    assert "SIGTERM at step" in output and "saved step" in output and "rerun the same command" in output
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, token_cache_dir, caplog, damage):
     config = tiny_config(token_cache_dir)
-    train_lib.pretrain(config, str(tmp_path / "straight"))
+    pretrain.pretrain(config, str(tmp_path / "straight"))
     workdir = tmp_path / "damaged"
-    train_lib.pretrain(config, str(workdir))
+    pretrain.pretrain(config, str(workdir))
     params_dir = workdir / "checkpoints" / "6" / "params"
     files = sorted(p for p in params_dir.rglob("*") if p.is_file() and p.stat().st_size > 1000)
     if damage == "truncate":
@@ -81,7 +81,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, to
         shutil.rmtree(workdir / "checkpoints" / "6" / "params")
     config.train.num_steps = 6
     with caplog.at_level("WARNING"):
-        train_lib.pretrain(config, str(workdir))
+        pretrain.pretrain(config, str(workdir))
     assert "Checkpoint step 6" in caplog.text and "unusable" in caplog.text
     assert any(p.name.startswith("6.unusable-") for p in (workdir / "checkpoints").iterdir())
     assert_trees_equal(final_params(workdir), final_params(tmp_path / "straight"))
@@ -92,7 +92,7 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_
     config = tiny_config(token_cache_dir, **{"optimizer.lr": 1e30, "optimizer.warmup_steps": 0,
                                              "optimizer.schedule": "constant", "checkpoint.every": 1})
     with pytest.raises(train_lib.NonFiniteError, match=r"not finite at step \d+.*Last good checkpoint: step \d+"):
-        train_lib.pretrain(config, str(tmp_path))
+        pretrain.pretrain(config, str(tmp_path))
     _, params, _ = checkpoint.load_pretrained(tmp_path / "checkpoints")
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
@@ -100,7 +100,7 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_
 def test_skip_mode_counts_non_finite_steps_and_finishes(tmp_path, token_cache_dir):
     config = tiny_config(token_cache_dir, **{"optimizer.lr": 1e30, "optimizer.warmup_steps": 0,
                                              "optimizer.schedule": "constant", "train.nonfinite": "skip"})
-    final = train_lib.pretrain(config, str(tmp_path))
+    final = pretrain.pretrain(config, str(tmp_path))
     assert final["nonfinite_steps"] >= 1
 
 
@@ -120,14 +120,14 @@ def _make_writable(path: pathlib.Path) -> None:
 
 def test_a_failing_disk_gives_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, token_cache_dir):
     config = tiny_config(token_cache_dir, **{"train.stop_at": 3})
-    train_lib.pretrain(config, str(tmp_path))
+    pretrain.pretrain(config, str(tmp_path))
     ckpt_dir = tmp_path / "checkpoints"
     if not _make_unwritable(ckpt_dir):
         pytest.skip("cannot make a directory unwritable here (chattr unavailable)")
     try:
         config.train.stop_at = 0
         with pytest.raises(checkpoint.CheckpointError, match="Earlier checkpoints are untouched"):
-            train_lib.pretrain(config, str(tmp_path))
+            pretrain.pretrain(config, str(tmp_path))
     finally:
         _make_writable(ckpt_dir)
     assert checkpoint.TrainCheckpointer(ckpt_dir, keep=3).steps() == [3]

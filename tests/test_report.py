@@ -3,20 +3,20 @@
 import pytest
 
 from configs import finetune as finetune_recipe
-from gpt1_jax import finetune_lib, report, train_lib
+from gpt1_jax import finetune, pretrain, report
 from pretrain_helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, token_cache_dir):
     pretrain_dir = tmp_path_factory.mktemp("pretrain-run")
-    train_lib.pretrain(tiny_config(token_cache_dir, **{"train.eval_every": 6}), str(pretrain_dir))
+    pretrain.pretrain(tiny_config(token_cache_dir, **{"train.eval_every": 6}), str(pretrain_dir))
     finetune_dir = tmp_path_factory.mktemp("sst2-run")
     config = finetune_recipe.get_config("tiny")
     config.data.task_source = "local"
     config.finetune.max_train_examples = 64
     config.checkpoint.async_save = False
-    finetune_lib.finetune(config, str(finetune_dir))
+    finetune.finetune(config, str(finetune_dir))
     return pretrain_dir, finetune_dir
 
 

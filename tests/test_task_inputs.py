@@ -1,9 +1,12 @@
-"""Input transformations of Sec. 3.3: exact token layout per kind, truncation, padding, batching."""
+"""Input transformations of Sec. 3.3 (exact token layout per kind, truncation, padding, batching) and the
+splits a fine-tuning run reads (Story Cloze's held-out stories, missing files)."""
 
 import numpy as np
 import pytest
 
+from configs import finetune as finetune_recipe
 from gpt1_jax import tasks
+from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import task_inputs
 from gpt1_jax.data.task_readers import Example
 
@@ -17,6 +20,14 @@ def fake_encode_batch(texts):
 
 def build(examples, kind, **kwargs):
     return task_inputs.build_inputs(task_inputs.encode_examples(examples, fake_encode_batch), kind, **kwargs)
+
+
+def tiny_config(init=""):
+    """configs/finetune.py:tiny reading task files from the local data root."""
+    config = finetune_recipe.get_config("tiny")
+    config.init = str(init)
+    config.data.task_source = "local"
+    return config
 
 
 def test_special_ids_agree_with_the_tokenizer():
@@ -114,3 +125,22 @@ def test_real_sst2_dev_builds_within_context(data_root):
     assert arrays.tokens.shape == (872, 1, n_ctx) and n_ctx == 128  # some reviews exceed 126 characters
     rows = np.arange(872)
     assert (arrays.tokens[rows, 0, arrays.classify_positions[:, 0]] == C).all()
+
+
+def test_missing_training_file_names_it(data_root, monkeypatch):
+    monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
+    config = tiny_config("")
+    with pytest.raises(ConfigError, match="snli.*train.*task_source=tfds"):
+        task_inputs.read_split(tasks.get_task("snli"), "train", config)
+
+
+def test_story_cloze_holds_out_the_released_codes_374_stories(data_root, monkeypatch):
+    """datasets.py: train_test_split(..., test_size=374, random_state=3535999445) over the validation file."""
+    train_test_split = pytest.importorskip("sklearn.model_selection").train_test_split
+    monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
+    config, spec = tiny_config(""), tasks.get_task("story_cloze")
+    train, evals = task_inputs.train_and_evals(spec, config)
+    stories = [ex.uid for ex in task_inputs.read_split(spec, "validation", config)]
+    released_train, released_dev = train_test_split(stories, test_size=374, random_state=3535999445)
+    assert [ex.uid for ex in evals["validation"]] == released_dev
+    assert [ex.uid for ex in train] == released_train and len(train) == 1497

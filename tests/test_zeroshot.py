@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt1_jax import checkpoint, train_lib
+from gpt1_jax import checkpoint, pretrain
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.convert import model_from_params
 from gpt1_jax.data.task_readers import read_task
@@ -62,7 +62,7 @@ def test_pretraining_logs_probes_that_match_its_checkpoint(tmp_path, token_cache
     config = tiny_config(token_cache_dir, **{"train.num_steps": 4, "checkpoint.every": 4,
                                             "zeroshot.tasks": "sst2, cola", "zeroshot.every": 2,
                                             "zeroshot.max_examples": 24})
-    train_lib.pretrain(config, str(tmp_path))
+    pretrain.pretrain(config, str(tmp_path))
     logged = {(m["step"], k): v for m in read_metrics(tmp_path) for k, v in m.items() if k.startswith("zeroshot/")}
     assert set(logged) == {(s, f"zeroshot/{t}") for s in (2, 4) for t in ("sst2", "cola")}
     model_cfg, params, _ = checkpoint.load_pretrained(str(tmp_path / "checkpoints"))
@@ -74,5 +74,5 @@ def test_pretraining_logs_probes_that_match_its_checkpoint(tmp_path, token_cache
 
 def test_unknown_probe_task_fails_before_the_workdir_is_touched(tmp_path, token_cache_dir):
     with pytest.raises(ConfigError, match=r"zeroshot\.tasks.*mnli"):
-        train_lib.pretrain(tiny_config(token_cache_dir, **{"zeroshot.tasks": "sst2,mnli"}), str(tmp_path / "run"))
+        pretrain.pretrain(tiny_config(token_cache_dir, **{"zeroshot.tasks": "sst2,mnli"}), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()

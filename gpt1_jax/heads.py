@@ -25,12 +25,34 @@ from flax import nnx
 
 from gpt1_jax import tasks
 from gpt1_jax.losses import token_nll_of
-from gpt1_jax.model import GPT1, ClassifierHead, gather_positions
+from gpt1_jax.model import GPT1, dropout, linear
 
 _PAIR_SUM = (tasks.SIMILARITY, tasks.REGRESSION_SIMILARITY)
 # Rows of the auxiliary LM softmax: "all" = the released code's whole table `we` (BPE, specials and the
 # run's position rows); "tokens" = BPE and specials only, 512 fewer rows for GPT-1 at full context.
 LM_SOFTMAX_ROWS = ("all", "tokens")
+
+
+class ClassifierHead(nnx.Module):
+    """W_y of Sec. 3.2: a linear layer on the hidden state read at the `_classify_` position."""
+
+    def __init__(self, width: int, n_out: int, *, dropout_rate: float = 0.1, rngs: nnx.Rngs):
+        self.dropout_rate = dropout_rate
+        self.dense = linear(width, n_out, jnp.float32, rngs)
+
+    def __call__(self, pooled, *, dropout_key=None, shared_axes: tuple[int, ...] = ()):
+        """pooled [..., width] -> float32 outputs [..., n_out].
+
+        `shared_axes`: axes of `pooled` that share one dropout mask. The released code drops the
+        `[batch, choices, width]` states with noise shape `[batch, 1, width]`, one mask per example.
+        """
+        pooled = dropout(pooled.astype(jnp.float32), self.dropout_rate, dropout_key, shared_axes=shared_axes)
+        return self.dense(pooled)
+
+
+def gather_positions(hidden, positions):
+    """hidden [batch, seq, width], positions [batch] -> [batch, width]: the state at each position."""
+    return jnp.take_along_axis(hidden, positions[:, None, None].astype(jnp.int32), axis=1)[:, 0]
 
 
 class TaskModel(nnx.Module):

@@ -1,0 +1,374 @@
+"""Supervised fine-tuning (Sec. 3.2-3.3, 4.1 "Fine-tuning details"): starting points, the recipe, outputs.
+
+The recipe of the paper and the released code: objective L3 = L2 + 0.5 * L1, the released Adam at
+6.25e-5 with linear decay after a warm-up over 0.2% of training, batch 32, 3 epochs, weight decay 0.01,
+clipping at 1. As in the released code (train.py), each epoch drops its last partial batch, so a run
+takes (examples // batch) x epochs updates. The loop is pre-training's (`train_lib.run`) with the task
+loss of `gpt1_jax.heads`, the epochs' batches and the task's evaluation plugged in. The order of each
+epoch is a pure function of (seed, epoch) and dropout keys of (seed, step), so a run
+killed at any point resumes from the workdir's `checkpoints` on the same batches. The dev split(s) are
+scored with the task's metric after each epoch, at the released code's updates 1k, 2k, 4k, 8k, 16k and
+32k of the first epoch (`finetune.eval_at`), and every `finetune.eval_every` steps; the best parameters
+by the primary metric on the first evaluation split are kept in `best/`, and at the end they write the
+GLUE-format test predictions, `results.json` and `results.md` (the paper's number beside ours).
+
+Starting points (config key `init`) and the layer-transfer study (Sec. 5, Figure 2 left):
+
+  ""               from scratch: the paper's "no pre-training" ablation, sizes from config.model,
+  <folder>         an Orbax checkpoint: a pre-training run's `checkpoints` folder or the output of
+                   `python -m gpt1_jax.convert --orbax`; the model config comes from its metadata,
+  hf:<folder>      a Hugging Face `save_pretrained` folder of OpenAIGPT(LMHead)Model,
+  openai:<folder>  the original release (params_shapes.json, params_0..9.npy).
+
+Sizes rule: the shape keys of config.model (`SHAPE_KEYS`) are 0 in configs/finetune.py, meaning "take
+them from the checkpoint" (or, from scratch, the paper's 12 x 768 model). A non-zero value is a user
+choice: from scratch it is used, with a checkpoint it must equal the checkpoint's value or the run stops
+naming the key. Run choices (dropouts, dtype, remat, attention, scan_layers) always come from config.model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pathlib
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from gpt1_jax import checkpoint, config_check, convert, metrics, optim, sharding, tasks, train_lib, workdir_guard
+from gpt1_jax.config_check import ConfigError
+from gpt1_jax.data import task_inputs
+from gpt1_jax.data.task_inputs import TaskData
+from gpt1_jax.heads import LM_SOFTMAX_ROWS, TaskModel, predictions, task_loss
+from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.run_log import RunLog
+from gpt1_jax.vocab_files import N_SPECIAL
+
+log = logging.getLogger(__name__)
+
+SHAPE_KEYS = ("vocab_size", "n_ctx", "width", "n_head", "n_layer", "mlp_width")
+RUN_KEYS = ("embd_dropout", "attn_dropout", "resid_dropout", "embd_dropout_site", "dtype", "scan_layers",
+            "remat", "attention")
+TRAIN_KEYS = {"tokens": 3, "mask": 3, "classify_positions": 2, "labels": 1, "weights": 1}  # name -> ndim
+# GLUE submission file names (https://gluebenchmark.com/faq): <name>.tsv with `index\tprediction`.
+GLUE_FILES = {("cola", "test"): "CoLA", ("sst2", "test"): "SST-2", ("mrpc", "test"): "MRPC",
+              ("stsb", "test"): "STS-B", ("qqp", "test"): "QQP", ("mnli", "test_matched"): "MNLI-m",
+              ("mnli", "test_mismatched"): "MNLI-mm", ("qnli", "test"): "QNLI", ("rte", "test"): "RTE",
+              ("wnli", "test"): "WNLI"}
+
+
+def check_config(config: ConfigDict) -> tasks.TaskSpec:
+    config_check.check_common(config)
+    try:
+        spec = tasks.get_task(config.task)
+    except ValueError as err:
+        raise ConfigError(f"task={config.task!r}: {err}.") from None
+    ft = config.finetune
+    if ft.epochs < 1:
+        raise ConfigError(f"finetune.epochs={ft.epochs} must be >= 1.")
+    if ft.lm_coef < 0:
+        raise ConfigError(f"finetune.lm_coef={ft.lm_coef} must be >= 0 (0 switches the auxiliary LM loss off).")
+    if ft.max_train_examples < 0 or ft.eval_every < 0:
+        raise ConfigError("finetune.max_train_examples and finetune.eval_every must be >= 0 "
+                          "(0: all examples / after each epoch only).")
+    if ft.lm_softmax_rows not in LM_SOFTMAX_ROWS:
+        raise ConfigError(f"finetune.lm_softmax_rows={ft.lm_softmax_rows!r}: use 'all' (the released code: "
+                          "tokens, specials and positions) or 'tokens' (tokens and specials only).")
+    if any(step < 1 for step in eval_steps_in_first_epoch(config)):
+        raise ConfigError(f"finetune.eval_at={ft.eval_at!r}: give comma-separated update counts >= 1 "
+                          "(the release evaluates at 1000,2000,4000,8000,16000,32000), or '' for none.")
+    if config.train.eval_batch_size % jax.device_count():
+        raise ConfigError(f"train.eval_batch_size={config.train.eval_batch_size} must be divisible by the "
+                          f"{jax.device_count()} devices.")
+    if config.optimizer.schedule != "warmup_linear":
+        log.warning("optimizer.schedule=%s; the paper fine-tunes with warmup_linear.", config.optimizer.schedule)
+    return spec
+
+
+# ---------------------------------------------------------------- starting points
+
+
+def _user_shapes(config: ConfigDict) -> dict:
+    return {key: config.model[key] for key in SHAPE_KEYS if config.model[key]}
+
+
+def _run_choices(config: ConfigDict) -> dict:
+    return {key: config.model[key] for key in RUN_KEYS}
+
+
+def load_init(config: ConfigDict) -> tuple[GPT1Config, dict | None, str]:
+    """(backbone config without specials, its pre-trained parameters or None, a description)."""
+    init = config.init
+    if not init:
+        try:
+            cfg = GPT1Config(**_user_shapes(config), **_run_choices(config),
+                             vocab_pad_multiple=config.model.vocab_pad_multiple)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        return cfg, None, "scratch (no pre-training)"
+    if init.startswith("hf:"):
+        cfg, params = convert.load_hf(init[3:])
+    elif init.startswith("openai:"):
+        # The release records no head count: model.n_head gives it, 0 meaning GPT-1's 12.
+        n_head = config.model.n_head or convert.DEFAULT_N_HEAD
+        cfg, params = convert.load_openai_original(init[len("openai:"):], n_head=n_head)
+    else:
+        cfg, params, _ = checkpoint.load_pretrained(init)
+    for key, value in _user_shapes(config).items():
+        if getattr(cfg, key) != value:
+            raise ConfigError(
+                f"model.{key}={value} but the checkpoint init={init} has {key}={getattr(cfg, key)}. Leave model.{key} "
+                "at 0 to take the checkpoint's sizes, or point init at a checkpoint of that size.")
+    if cfg.n_special not in (0, N_SPECIAL):
+        raise ConfigError(f"init={init} has {cfg.n_special} special tokens; fine-tuning needs 0 or {N_SPECIAL}.")
+    log.info("Model sizes from init=%s (config.model sizes left at 0 are ignored): %s", init,
+             {key: getattr(cfg, key) for key in SHAPE_KEYS})
+    return cfg.replace(**_run_choices(config)), params, f"pre-trained ({init})"
+
+
+def build_params(config: ConfigDict, spec: tasks.TaskSpec, seed: int) -> tuple[GPT1Config, dict, str]:
+    """(backbone config with specials, TaskModel parameters as a host pure dict, starting-point description).
+
+    The special-token rows and the head are always freshly initialised (Sec. 3.3). With
+    `finetune.transfer_layers` = k >= 0 only the embeddings and the first k blocks keep pre-trained
+    values; the later blocks are the fresh draw a from-scratch run of the same seed would use.
+    """
+    cfg, pretrained, description = load_init(config)
+    # One stream per part, so a pre-trained and a from-scratch run of the same seed share the head's init.
+    key = jax.random.key(seed)
+    fresh = GPT1(cfg.replace(n_special=N_SPECIAL), rngs=nnx.Rngs(params=jax.random.fold_in(key, 0)))
+    if pretrained is None:
+        backbone = fresh
+    else:
+        specials = nnx.Rngs(params=jax.random.fold_in(key, 1))
+        backbone = convert.model_from_params(cfg, pretrained).with_special_tokens(N_SPECIAL, rngs=specials)
+        backbone = _transfer_layers(backbone, fresh, config.finetune.transfer_layers, cfg.n_layer)
+        if config.finetune.transfer_layers >= 0:
+            description += f", first {config.finetune.transfer_layers} of {cfg.n_layer} layers transferred"
+    model = TaskModel(backbone, spec.kind, spec.num_outputs, clf_dropout=config.finetune.clf_dropout,
+                      rngs=nnx.Rngs(params=jax.random.fold_in(key, 2)))
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return backbone.config, params, description
+
+
+def _transfer_layers(pretrained: GPT1, fresh: GPT1, k: int, n_layer: int) -> GPT1:
+    """`pretrained` with blocks k.. replaced by `fresh`'s (k = -1 keeps all); the blocks are stacked on axis 0."""
+    if k < 0:
+        return pretrained
+    if k > n_layer:
+        raise ConfigError(f"finetune.transfer_layers={k} but the checkpoint has {n_layer} layers; use 0..{n_layer} "
+                          "or -1 for all.")
+    keep = np.arange(n_layer) < k  # [n_layer]
+    blocks = jax.tree.map(lambda p, f: np.where(keep.reshape(-1, *([1] * (p.ndim - 1))), p, f),
+                          nnx.to_pure_dict(nnx.state(pretrained.blocks)), nnx.to_pure_dict(nnx.state(fresh.blocks)))
+    nnx.update(pretrained.blocks, _as_state(pretrained.blocks, blocks))
+    return pretrained
+
+
+def _as_state(module: nnx.Module, values: dict) -> nnx.State:
+    state = nnx.state(module)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, values))
+    return state
+
+
+def abstract_model(model_cfg: GPT1Config, spec: tasks.TaskSpec, clf_dropout: float) -> TaskModel:
+    """The TaskModel's structure without values (for shapes, shardings and the graph definition)."""
+    def make():
+        rngs = nnx.Rngs(0)
+        return TaskModel(GPT1(model_cfg, rngs=rngs), spec.kind, spec.num_outputs, clf_dropout=clf_dropout, rngs=rngs)
+
+    return nnx.eval_shape(make)
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def make_task_loss(config: ConfigDict):
+    """graphdef -> loss_fn(params, batch of TRAIN_KEYS, key): L3 = L2 + lm_coef * L1 (Sec. 3.2, Eq. 5)."""
+    lm_coef, chunk, rows = float(config.finetune.lm_coef), config.train.loss_chunk, config.finetune.lm_softmax_rows
+
+    def make(graphdef):
+        def loss_fn(params, batch, key):
+            return task_loss(nnx.merge(graphdef, params), batch, key, lm_coef=lm_coef, lm_softmax_rows=rows,
+                             loss_chunk=chunk)
+
+        return loss_fn
+
+    return make
+
+
+def compile_finetune(config, model_cfg, spec, optimizer, schedule) -> tuple[train_lib.Compiled, Callable]:
+    """The sharded train step on L3 for a TaskModel, and the jitted eval step (predictions)."""
+    compiled = train_lib.compile_run(config, abstract_model(model_cfg, spec, config.finetune.clf_dropout), optimizer,
+                                     schedule, make_task_loss(config), batch_ndims=TRAIN_KEYS)
+
+    def eval_step(params, tokens, classify_positions):
+        outputs, _ = nnx.merge(compiled.graphdef, params)(tokens, classify_positions)
+        return predictions(spec.kind, outputs)  # [batch]
+
+    return compiled, jax.jit(eval_step, out_shardings=sharding.replicated(compiled.mesh))
+
+
+def eval_steps_in_first_epoch(config: ConfigDict) -> set[int]:
+    """The update counts of `finetune.eval_at` (comma-separated): extra evaluations in the first epoch.
+
+    The released code also evaluates, and keeps the best parameters, after updates 1k, 2k, 4k, 8k, 16k
+    and 32k of its first epoch: on the large tasks (MNLI, QQP, SNLI, QNLI) the best model can come early.
+    """
+    try:
+        return {int(part) for part in str(config.finetune.eval_at).split(",") if part.strip()}
+    except ValueError:
+        raise ConfigError(f"finetune.eval_at={config.finetune.eval_at!r}: give comma-separated update counts, "
+                          "e.g. 1000,2000,4000.") from None
+
+
+def steps_per_epoch(n_train: int, config: ConfigDict) -> int:
+    """Full batches in one epoch: the release drops the last partial one (`iter_data(..., truncate=True)`)."""
+    steps = n_train // config.train.batch_size
+    if steps < 1:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} exceeds the {n_train} training examples, so "
+                          "an epoch has no full batch; lower train.batch_size or use more examples "
+                          "(finetune.max_train_examples=0 takes all).")
+    return steps
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of one epoch: a pure function of (seed, epoch), so a resumed run sees the same order."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _local(batch: dict) -> dict:
+    """This process's rows of a global batch (each process feeds its share to `sharding.global_batch`)."""
+    n, count, index = len(next(iter(batch.values()))), jax.process_count(), jax.process_index()
+    return {k: v[index * n // count:(index + 1) * n // count] for k, v in batch.items()}
+
+
+def predict(eval_step, params, arrays: task_inputs.TaskArrays, config: ConfigDict, mesh) -> np.ndarray:
+    """Predictions for every example of `arrays`, in order; batch padding is dropped."""
+    out = []
+    for batch in task_inputs.batches(arrays, config.train.eval_batch_size):
+        inputs = _local({"tokens": batch["tokens"], "classify_positions": batch["classify_positions"]})
+        result = eval_step(params, *sharding.global_batch((inputs["tokens"], inputs["classify_positions"]), mesh))
+        out.append(np.asarray(jax.device_get(result))[batch["weights"] > 0])
+    return np.concatenate(out)
+
+
+def evaluate_splits(eval_step, params, data: TaskData, config, mesh) -> dict[str, dict[str, float]]:
+    """{split: {metric: fraction}} for every labelled evaluation split."""
+    return {split: metrics.compute(data.spec.metrics, predict(eval_step, params, arrays, config, mesh), arrays.labels)
+            for split, arrays in data.evals.items()}
+
+
+def epoch_batches(data: TaskData, config: ConfigDict, epoch_steps: int, start: int, mesh) -> Iterator[dict]:
+    """The global training batches of updates start + 1 .. epochs x epoch_steps, epoch by epoch."""
+    for epoch in range(start // epoch_steps, config.finetune.epochs):
+        batches = task_inputs.batches(data.train, config.train.batch_size, shuffle=True,
+                                      seed=epoch_seed(config.seed, epoch), drop_remainder=True)
+        for i, batch in enumerate(batches):
+            if epoch * epoch_steps + i >= start:
+                yield sharding.global_batch(_local({k: batch[k] for k in TRAIN_KEYS}), mesh)
+
+
+def finetune(config: ConfigDict, workdir: str) -> dict:
+    """Fine-tune `config.task` from `config.init`; returns the results written to `results.json`."""
+    workdir_path = pathlib.Path(workdir)
+    spec = check_config(config)
+    model_cfg, initial, description = build_params(config, spec, config.seed)
+    workdir_guard.claim(workdir_path, config)
+    data = task_inputs.load(config, spec, model_cfg.n_ctx)
+    epoch_steps = steps_per_epoch(len(data.train), config)
+    total_steps = config.finetune.epochs * epoch_steps
+    early_evals = eval_steps_in_first_epoch(config)
+    schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
+    optimizer = optim.make_optimizer(config.optimizer, total_steps, jax.eval_shape(lambda p: p, initial))
+    compiled, eval_step = compile_finetune(config, model_cfg, spec, optimizer, schedule)
+    with contextlib.ExitStack() as cleanup:
+        rolling = cleanup.enter_context(contextlib.closing(checkpoint.TrainCheckpointer(
+            workdir_path / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)))
+        best_dir = workdir_path / "best"
+        best_ckpt = cleanup.enter_context(contextlib.closing(
+            checkpoint.TrainCheckpointer(best_dir, keep=1, async_save=False)))
+        # The host copy of the starting parameters (~0.5 GB for GPT-1) is handed to the train state once and
+        # then dropped, so it does not stay alive for the whole run.
+        handed_over = {"params": initial}
+        del initial
+        state, resumed = train_lib.restore_or_init(rolling, compiled, lambda: handed_over.pop("params"), optimizer)
+        handed_over.clear()
+        start = int(state.step)
+        best = checkpoint.read_metadata(best_dir)["best"] if best_ckpt.steps() else None
+        metadata = train_lib.run_metadata(config, model_cfg.to_dict(), data.tokenizer_identity, kind="finetune")
+        run_log = cleanup.enter_context(contextlib.closing(RunLog(
+            workdir_path, total_steps=total_steps, initial_step=start, description=f"fine-tune {spec.name}")))
+        run_log.message(f"Starting point: {description}; {len(data.train)} training examples, {total_steps} steps.")
+        if resumed:
+            run_log.message(f"Resumed from step {start} in {rolling.directory}.")
+        first_split = next(iter(data.evals))
+
+        def evaluate(done: int, state: train_lib.TrainState) -> dict[str, float]:
+            """The dev metrics when due; a new best by the first split's primary metric goes to `best/`."""
+            nonlocal best
+            if not (done % epoch_steps == 0 or (done <= epoch_steps and done in early_evals)
+                    or (config.finetune.eval_every and done % config.finetune.eval_every == 0)):
+                return {}
+            scores = evaluate_splits(eval_step, state.params, data, config, compiled.mesh)
+            primary = scores[first_split][spec.primary_metric]
+            if best is None or primary > best["primary"]:
+                train_lib.check_finite(state, config, rolling)
+                best = {"primary": primary, "step": done, "epoch": done / epoch_steps, "dev": scores}
+                best_ckpt.save(done, state.params, {"step": state.step}, {**metadata, "best": best})
+            return {"val_metric": primary, **{f"{s}/{m}": v for s, d in scores.items() for m, v in d.items()}}
+
+        recipe = train_lib.Recipe(
+            total_steps=total_steps, evaluate=evaluate, metadata=metadata,
+            batches=lambda first: contextlib.nullcontext(epoch_batches(data, config, epoch_steps, first,
+                                                                       compiled.mesh)),
+            save_due=lambda done: done % epoch_steps == 0)
+        _, final = train_lib.run(config, compiled, state, rolling, run_log, recipe)
+        if "stopped_at" in final:
+            return {"stopped_at": int(final["stopped_at"])}
+        abstract = compiled.abstract_state
+        _, best_params, _ = best_ckpt.restore_latest(abstract.params, {"step": abstract.step})
+    files = write_predictions(eval_step, best_params, data, config, compiled.mesh, workdir_path)
+    return write_results(workdir_path, config, spec, best, description, files)
+
+
+def write_predictions(eval_step, params, data, config, mesh, workdir: pathlib.Path) -> list[str]:
+    """GLUE submission files for the unlabeled test split(s): `index\\tprediction`, label names or floats."""
+    spec, written = data.spec, []
+    for split, (arrays, uids) in data.predict.items():
+        preds = predict(eval_step, params, arrays, config, mesh)
+        name = GLUE_FILES.get((spec.name, split), f"{spec.name.replace('/', '_')}-{split}")
+        lines = ["index\tprediction"]
+        if spec.kind == tasks.REGRESSION_SIMILARITY:
+            lines += [f"{uid}\t{float(p):.3f}" for uid, p in zip(uids, preds)]
+        else:
+            lines += [f"{uid}\t{spec.raw_labels[int(p)]}" for uid, p in zip(uids, preds)]
+        if jax.process_index() == 0:
+            path = workdir / "predictions" / f"{name}.tsv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines) + "\n")
+            written.append(str(path.relative_to(workdir)))
+    return written
+
+
+def write_results(workdir: pathlib.Path, config, spec: tasks.TaskSpec, best: dict, description: str,
+                  files: list[str]) -> dict:
+    """results.json and results.md: the best dev scores beside the paper's numbers (Tables 2-4)."""
+    results = {"task": spec.name, "metric": spec.primary_metric, "metrics": list(spec.metrics), "init": config.init,
+               "starting_point": description, "best_step": best["step"], "best_epoch": best["epoch"],
+               "dev": best["dev"], "paper": dict(spec.paper), "predictions": files,
+               "config": json.loads(config.to_json_best_effort())}
+    rows = ["| task | split | metric | ours | paper | starting point |", "|---|---|---|---:|---:|---|"]
+    for split, scores in best["dev"].items():
+        paper = spec.paper.get(split)
+        rows.append(f"| {spec.name} | {split} | {spec.primary_metric} | {100 * scores[spec.primary_metric]:.1f} | "
+                    f"{'-' if paper is None else f'{paper:.1f}'} | {description} |")
+    if jax.process_index() == 0:
+        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (workdir / "results.md").write_text("\n".join(rows) + "\n")
+    log.info("Results (best at step %d):\n%s", best["step"], "\n".join(rows))
+    return results

@@ -1,0 +1,90 @@
+"""The command line of every entry point: absl flags per call, dashed spellings, --help, usage errors."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from gpt1_jax import cli, config_check, generate, train_cli, zeroshot
+from pretrain_helpers import REPO
+
+TOOLS = ["generate", "convert", "zeroshot", "report"]
+
+
+def define_toy_flags(flag_values: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "A checkpoint.", required=True, flag_values=flag_values)
+    flags.DEFINE_integer("max_new_tokens", 50, "How many tokens.", flag_values=flag_values)
+
+
+def parse_toy(argv, positional=None) -> cli.CommandLine:
+    return cli.parse(argv, define_toy_flags, prog="toy", synopsis="--checkpoint DIR", doc="A toy tool.\n\nMore.",
+                     positional=positional)
+
+
+def test_a_multi_word_flag_takes_underscores_or_dashes_and_each_call_starts_from_the_defaults():
+    assert parse_toy(["--checkpoint", "a", "--max_new_tokens", "3"]).flags.max_new_tokens == 3
+    assert parse_toy(["--checkpoint=a", "--max-new-tokens=4"]).flags.max_new_tokens == 4
+    assert parse_toy(["--checkpoint", "a"]).flags.max_new_tokens == 50
+
+
+def test_help_lists_the_flags_and_exits_0_without_the_required_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_toy(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert out.startswith("usage: toy --checkpoint DIR\n\nA toy tool.\n") and "--max_new_tokens" in out
+    assert "--max-new-tokens is --max_new_tokens" in out and "More." not in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "a", "--top_q", "1"], "Unknown command line flag 'top_q'"),
+    ([], "Flag --checkpoint must have a value"),
+    (["--checkpoint", "a", "--max_new_tokens", "many"], "max_new_tokens"),
+    (["--checkpoint", "a", "extra"], "unexpected arguments ['extra']"),
+])
+def test_a_bad_command_line_exits_2_with_the_usage_and_the_reason(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_toy(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == cli.USAGE_ERROR_STATUS and err.startswith("usage: toy") and message in err
+
+
+def test_positional_arguments_come_back_in_order_around_the_flags():
+    assert parse_toy(["run1", "--checkpoint", "a", "run2"], positional="RUN_DIR").args == ["run1", "run2"]
+    with pytest.raises(SystemExit):
+        parse_toy(["--checkpoint", "a"], positional="RUN_DIR")
+
+
+def test_tools_with_the_same_flag_names_live_in_one_process(capsys):
+    """generate and zeroshot both define --checkpoint and --hf; neither touches absl's global FLAGS."""
+    for tool in (generate, zeroshot, generate):
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main(["--help"])
+        assert exit_info.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+    assert "checkpoint" not in flags.FLAGS
+
+
+def test_train_reads_config_overrides_from_the_argv_it_is_given(tmp_path):
+    argv = ["--config", str(REPO / "configs" / "tiny_pretrain.py"), "--workdir", str(tmp_path), "--config.mode=bogus"]
+    with pytest.raises(config_check.ConfigError, match="mode='bogus'"):
+        train_cli.main(argv)
+
+
+def entry_points() -> list[tuple[list[str], str]]:
+    """(command, the program its usage line names) for every console script and its `python` form."""
+    scripts = pathlib.Path(sys.executable).parent
+    commands = [([str(scripts / f"gpt1-{tool}")], f"gpt1-{tool}") for tool in ["train", *TOOLS]]
+    commands += [([sys.executable, "-m", f"gpt1_jax.{tool}"], f"python -m gpt1_jax.{tool}") for tool in TOOLS]
+    return commands + [([sys.executable, str(REPO / "train.py")], "python train.py")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, prog", entry_points(), ids=lambda value: value if isinstance(value, str) else None)
+def test_every_entry_point_prints_its_help(command, prog):
+    if not pathlib.Path(command[0]).exists():
+        pytest.fail(f"{command[0]} is missing: `pip install -e .` creates the console scripts of pyproject.toml")
+    result = subprocess.run([*command, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(f"usage: {prog} ") and "\nflags:\n  -h, --help" in result.stdout

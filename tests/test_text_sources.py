@@ -1,0 +1,71 @@
+"""gpt1_jax/data/text_sources.py: local files and TFDS as documents, cleaned and shared over processes."""
+
+import glob
+import logging
+import os
+
+import pytest
+
+from gpt1_jax import vocab_files
+from gpt1_jax.data import text_sources, token_cache
+
+
+def test_missing_files_and_unset_data_root_name_the_config(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"data\.source: no files match"):
+        text_sources.make_source(f"files:{tmp_path}/*.txt", process_index=0, process_count=1)
+    monkeypatch.delenv(vocab_files.DATA_ENV, raising=False)
+    with pytest.raises(ValueError, match=r"data\.source.*GPT1_JAX_DATA is not set"):
+        text_sources.make_source("local:corpus/gutenberg/*.txt")
+
+
+def test_clean_text_removes_bom_crlf_and_counts_invalid_bytes(caplog):
+    with caplog.at_level(logging.WARNING):
+        text = text_sources.clean_text(b"\xef\xbb\xbfline one\r\nline \xff\xfe two\r\n", name="x.txt")
+    assert text == "line one\nline \ufffd\ufffd two\n"
+    assert "x.txt: replaced 2 invalid UTF-8" in caplog.text
+
+
+@pytest.mark.parametrize("book", ["11-0.txt", "pg1342.txt", "28054-0.txt"])
+def test_gutenberg_header_and_footer_are_stripped_from_real_books(books, book):
+    (text,) = text_sources.FileCorpus(str(books / book), process_index=0, process_count=1)
+    first_line = text.lstrip().splitlines()[0]
+    assert "gutenberg" not in first_line.lower()
+    assert "\r" not in text and not text.startswith("\ufeff")
+    assert "*** START OF" not in text.upper() and "END OF THE PROJECT GUTENBERG" not in text.upper()
+    assert "END OF THIS PROJECT GUTENBERG" not in text.upper()
+    assert len(text) > 0.5 * os.path.getsize(books / book)  # only the boilerplate went
+
+
+def test_file_sharding_covers_every_file_exactly_once(books):
+    pattern = str(books / "*.txt")
+    for count in (1, 2, 3, 5):
+        shards = [
+            text_sources.FileCorpus(pattern, process_index=i, process_count=count).files for i in range(count)
+        ]
+        everything = [f for shard in shards for f in shard]
+        assert sorted(everything) == sorted(glob.glob(pattern))
+        assert len(set(everything)) == len(everything)
+
+
+def test_local_spec_resolves_against_the_data_root(monkeypatch, data_root, books):
+    monkeypatch.setenv(vocab_files.DATA_ENV, str(data_root))
+    source = text_sources.make_source("local:corpus/gutenberg/11-0.txt", process_index=0, process_count=1)
+    assert source.files == [str(books / "11-0.txt")]
+    assert "11-0.txt" in source.identity
+
+
+def test_tfds_source_reads_its_process_share_with_mock_data(tmp_path, char_tokenizer):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=4):
+        source = text_sources.make_source(
+            "tfds:tiny_shakespeare:1.0.0:train?feature=text", process_index=1, process_count=2
+        )
+        documents = list(source)
+        assert source.feature == "text" and len(documents) == 4
+        assert all(isinstance(d, str) and d for d in documents)
+        assert "tiny_shakespeare/1.0.0:train" in source.identity and "process=1/2" in source.identity
+        auto = text_sources.make_source("tfds:tiny_shakespeare", process_index=0, process_count=1)
+        cache = token_cache.TokenCache.load_or_build(auto, char_tokenizer(), str(tmp_path))
+        assert cache.num_documents == 4
+    with pytest.raises(ValueError, match=r"data\.source: TFDS has no dataset 'no_such_corpus'"):
+        text_sources.make_source("tfds:no_such_corpus", process_index=0, process_count=1)

@@ -1,0 +1,92 @@
+"""The shared loop (`train_lib.run`) driven by a recipe of its own: hooks, checkpoints, pauses, profiling."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny_pretrain
+from gpt1_jax import checkpoint, optim, pretrain, train_lib
+from gpt1_jax.config_check import ConfigError, check_common
+from gpt1_jax.run_log import RunLog, read_metrics
+
+STEPS = 4
+
+
+def small_config(**train):
+    config = tiny_pretrain.get_config()
+    config.model.update(n_ctx=16, width=32, n_head=2, n_layer=1, mlp_width=64)
+    config.train.update(batch_size=4, log_every=1, **train)
+    config.checkpoint.update(every=100, async_save=False)
+    return config
+
+
+def fixed_batches(config, n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, config.model.vocab_size, (config.train.batch_size, config.model.n_ctx + 1), np.int32)
+            for _ in range(n)]
+
+
+def run_recipe(config, workdir, *, evaluate=None, save_due=None):
+    """STEPS updates of the tiny LM on fixed random batches; returns (final scalars, batches consumed)."""
+    model_cfg = pretrain.model_config(config)
+    schedule = optim.learning_rate_schedule(config.optimizer, STEPS)
+    abstract_params = jax.eval_shape(lambda: pretrain.initial_params(model_cfg, 0))
+    optimizer = optim.make_optimizer(config.optimizer, STEPS, abstract_params)
+    compiled = pretrain.compile_pretraining(config, model_cfg, optimizer, schedule)
+    data = fixed_batches(config, STEPS)
+    consumed = []
+
+    def batches(start):
+        def stream():
+            for step in range(start, STEPS):
+                consumed.append(step)
+                yield data[step]
+        return contextlib.nullcontext(stream())
+
+    recipe = train_lib.Recipe(total_steps=STEPS, batches=batches, evaluate=evaluate or (lambda done, state: {}),
+                              metadata={"kind": "test"}, save_due=save_due or (lambda done: False))
+    with contextlib.closing(checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=5, async_save=False)) as ckpt:
+        state, _ = train_lib.restore_or_init(ckpt, compiled, lambda: pretrain.initial_params(model_cfg, 0), optimizer)
+        with contextlib.closing(RunLog(workdir, total_steps=STEPS, initial_step=int(state.step),
+                                       description="test")) as run_log:
+            _, final = train_lib.run(config, compiled, state, ckpt, run_log, recipe)
+        return final, consumed, ckpt.steps()
+
+
+def test_hooks_are_called_and_logged_and_extra_saves_honoured(tmp_path):
+    calls = []
+
+    def evaluate(done, state):
+        calls.append((done, int(state.step)))
+        return {"probe": float(done)} if done % 2 == 0 else {}
+
+    final, consumed, saved = run_recipe(small_config(), tmp_path, evaluate=evaluate, save_due=lambda done: done == 3)
+    assert calls == [(1, 1), (2, 2), (3, 3), (4, 4)]  # after each update, on the updated state
+    assert consumed == [0, 1, 2, 3] and saved == [3, 4]  # save_due, then the last step
+    logged = read_metrics(tmp_path)
+    assert [m["step"] for m in logged if "loss" in m] == [1, 2, 3, 4]
+    assert [(m["step"], m["probe"]) for m in logged if "probe" in m] == [(2, 2.0), (4, 4.0)]
+    assert final["probe"] == 4.0 and "stopped_at" not in final and np.isfinite(final["loss"])
+
+
+def test_stop_at_saves_pauses_and_the_rerun_takes_the_next_batch(tmp_path):
+    final, consumed, saved = run_recipe(small_config(stop_at=2), tmp_path)
+    assert final["stopped_at"] == 2 and consumed == [0, 1] and saved == [2]
+    final, consumed, saved = run_recipe(small_config(), tmp_path)
+    assert consumed == [2, 3] and saved == [2, 4] and "stopped_at" not in final
+
+
+def test_profile_steps_write_a_trace_tensorboard_can_show(tmp_path):
+    run_recipe(small_config(profile_steps="2-3"), tmp_path)
+    traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("value", ["3-2", "0", "x", "-3", "5-"])
+def test_bad_profile_steps_are_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match="train.profile_steps"):
+        check_common(small_config(profile_steps=value))

@@ -1,0 +1,73 @@
+"""Zero-shot probes during pre-training: `zeroshot.*` checked, probe examples read at construction, `due` schedule.
+
+(The probes logged by a pre-training run, and an unknown probe failing its launch: test_zeroshot.py.)
+"""
+
+import pytest
+
+from configs import tiny_pretrain
+from gpt1_jax import tasks
+from gpt1_jax.config_check import ConfigError
+from gpt1_jax.data.task_inputs import read_split
+from gpt1_jax.tokenizer import GPT1Tokenizer
+from gpt1_jax.zeroshot_tracking import ZeroShotTracker, probe_names
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_root):
+    return GPT1Tokenizer.from_files()
+
+
+def probe_config(probes="sst2", every=2, num_steps=5, eval_every=3, max_examples=10):
+    config = tiny_pretrain.get_config()
+    config.data.task_source = "local"
+    config.zeroshot.update(tasks=probes, every=every, max_examples=max_examples)
+    config.train.update(num_steps=num_steps, eval_every=eval_every)
+    return config
+
+
+def test_probe_names_are_split_and_trimmed():
+    assert probe_names(probe_config(" sst2,story_cloze , race/middle,")) == ["sst2", "story_cloze", "race/middle"]
+    assert probe_names(probe_config("")) == []
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"tasks": "sst2,mnli,qqp"}, r"zeroshot\.tasks: no zero-shot probe for \['mnli', 'qqp'\]; available: cola, "),
+    ({"every": -1}, r"zeroshot\.every and zeroshot\.max_examples must be >= 0"),
+    ({"max_examples": -5}, r"zeroshot\.every and zeroshot\.max_examples must be >= 0"),
+])
+def test_bad_probe_settings_are_config_errors(overrides, message):
+    config = probe_config()
+    config.zeroshot.update(overrides)
+    with pytest.raises(ConfigError, match=message):
+        probe_names(config)
+
+
+@pytest.mark.parametrize("probes, every, expected", [
+    ("sst2", 2, [2, 4, 5]),  # every 2 steps, and the last step
+    ("sst2", 0, [3, 5]),  # 0: with validation (train.eval_every=3), and the last step
+    ("", 2, []),  # no probes: never
+])
+def test_due_every_n_steps_and_at_the_last(tokenizer, probes, every, expected):
+    tracker = ZeroShotTracker(probe_config(probes, every=every), tokenizer)
+    assert [step for step in range(1, 6) if tracker.due(step)] == expected
+
+
+def test_probe_examples_are_the_first_max_examples_of_the_split(tokenizer):
+    config = probe_config("sst2,cola", max_examples=10)
+    tracker = ZeroShotTracker(config, tokenizer)
+    for name in ("sst2", "cola"):
+        assert tracker.examples[name] == read_split(tasks.get_task(name), "validation", config)[:10]
+
+
+def test_missing_probe_file_fails_at_construction_naming_the_keys(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT1_JAX_DATA", str(tmp_path))  # a data root without the SST-2 files
+    with pytest.raises(ConfigError, match=r"zeroshot\.tasks='sst2', zeroshot\.split='validation': .*dev\.tsv"):
+        ZeroShotTracker(probe_config("sst2"), tokenizer)
+
+
+def test_probe_split_without_a_local_file_fails_at_construction(tokenizer):
+    config = probe_config("story_cloze")
+    config.zeroshot.split = "train"  # Story Cloze has no training split
+    with pytest.raises(ConfigError, match=r"zeroshot\.tasks='story_cloze', zeroshot\.split='train'"):
+        ZeroShotTracker(config, tokenizer)
