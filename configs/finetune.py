@@ -1,7 +1,8 @@
 """The paper's fine-tuning recipe (Sec. 4.1 "Fine-tuning details" and the released code).
 
-`get_config(arg)`: arg is a task name (default sst2; see gpt1_jax.tasks.TASKS) or "tiny", a CPU-sized
-run for the quick start (the tiny pre-training model's sizes, SST-2, 320 training examples, 1 epoch):
+`get_config(arg)`: arg is a task name (default sst2; see gpt1_jax.tasks.TASKS), "custom" (your own task,
+the `custom.*` keys; see gpt1_jax/custom_task.py), or "tiny", a CPU-sized run for the quick start (the
+tiny pre-training model's sizes, SST-2, 320 training examples, 1 epoch):
 
     python train.py --config configs/finetune.py:rte --config.init=RUN/checkpoints --workdir W
     python train.py --config configs/finetune.py:tiny --config.init=RUN/checkpoints --workdir W
@@ -19,7 +20,7 @@ from gpt1_jax.finetune import SHAPE_KEYS
 def get_config(arg=None):
     config = base_config()
     config.mode = "finetune"
-    config.task = "sst2" if arg in (None, "", "tiny") else arg
+    config.task = "sst2" if arg in (None, "", "tiny") else arg  # "custom": config.custom
     config.model = model_section(**{key: 0 for key in SHAPE_KEYS})
     config.optimizer.kind = "released"  # finetune-transformer-lm's opt.adam (gpt1_jax/optim.py)
     config.optimizer.lr = 6.25e-5
@@ -47,6 +48,21 @@ def get_config(arg=None):
         eval_every=0,  # also evaluate every this many steps; 0: after each epoch only
         heldout_examples=374,  # Story Cloze (no training split): validation examples held out as dev
         heldout_seed=3535999445,  # ... chosen as the released code's train_test_split does (datasets.py)
+    )
+    # Your own task (task=custom): files (train and validation, optionally test) or one TFDS dataset, the
+    # columns of each role, the kind of input transformation; see gpt1_jax/custom_task.py.
+    config.custom = dict(
+        kind="",  # classification, entailment, similarity, multiple_choice or regression (a pair, one output)
+        train="", validation="", test="",  # file paths (.tsv, .csv, .jsonl); a test file may lack the label
+        format="",  # tsv, csv or jsonl when the suffix does not say
+        columns="",  # COL1,COL2,... for a TSV/CSV without a header line
+        encoding="utf-8",  # e.g. latin-1
+        text_a="", text_b="", choices="",  # the text columns; choices: COL1,COL2,... (multiple choice)
+        label="", labels="",  # the label column; labels: a,b,c in index order (default: sorted training labels)
+        uid="",  # an id column for the predictions file (default: the row number)
+        metrics="",  # e.g. accuracy,f1,mcc (default: accuracy; pearson,spearman for regression)
+        on_error="raise",  # bad rows: "raise" names file:line, "skip" skips and counts them
+        tfds="", splits="",  # a TFDS dataset instead of files; splits: train=train,validation=validation,...
     )
     if arg == "tiny":
         tiny = tiny_pretrain_config().model

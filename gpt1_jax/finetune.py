@@ -39,7 +39,18 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from gpt1_jax import checkpoint, config_check, convert, metrics, optim, sharding, tasks, train_lib, workdir_guard
+from gpt1_jax import (
+    checkpoint,
+    config_check,
+    convert,
+    custom_task,
+    metrics,
+    optim,
+    sharding,
+    tasks,
+    train_lib,
+    workdir_guard,
+)
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import task_inputs
 from gpt1_jax.data.task_inputs import TaskData
@@ -61,12 +72,27 @@ GLUE_FILES = {("cola", "test"): "CoLA", ("sst2", "test"): "SST-2", ("mrpc", "tes
               ("wnli", "test"): "WNLI"}
 
 
+def task_spec(config: ConfigDict) -> tasks.TaskSpec:
+    """The registered task `config.task`, or the user's own (`task=custom`, from `config.custom`).
+
+    A custom task's label set is written back into `custom.labels`, so the run's config.json records the
+    mapping from the user's labels to the classifier's outputs.
+    """
+    if config.task == custom_task.NAME:
+        spec = custom_task.spec_from_config(config)
+        if spec.label_names:
+            config.custom.labels = ",".join(spec.label_names)
+        return spec
+    try:
+        return tasks.get_task(config.task)
+    except ValueError as err:
+        raise ConfigError(f"task={config.task!r}: {err} (or {custom_task.NAME!r}: your own files, "
+                          "config.custom).") from None
+
+
 def check_config(config: ConfigDict) -> tasks.TaskSpec:
     config_check.check_common(config)
-    try:
-        spec = tasks.get_task(config.task)
-    except ValueError as err:
-        raise ConfigError(f"task={config.task!r}: {err}.") from None
+    spec = task_spec(config)
     ft = config.finetune
     if ft.epochs < 1:
         raise ConfigError(f"finetune.epochs={ft.epochs} must be >= 1.")
@@ -360,7 +386,7 @@ def write_results(workdir: pathlib.Path, config, spec: tasks.TaskSpec, best: dic
     """results.json and results.md: the best dev scores beside the paper's numbers (Tables 2-4)."""
     results = {"task": spec.name, "metric": spec.primary_metric, "metrics": list(spec.metrics), "init": config.init,
                "starting_point": description, "best_step": best["step"], "best_epoch": best["epoch"],
-               "dev": best["dev"], "paper": dict(spec.paper), "predictions": files,
+               "dev": best["dev"], "paper": dict(spec.paper), "labels": list(spec.raw_labels), "predictions": files,
                "config": json.loads(config.to_json_best_effort())}
     rows = ["| task | split | metric | ours | paper | starting point |", "|---|---|---|---:|---:|---|"]
     for split, scores in best["dev"].items():

@@ -36,7 +36,7 @@ class TfdsTaskSource:
     splits: Mapping[str, str]  # our split name -> TFDS split name
     text_a: str
     text_b: str | None = None
-    choices: str | None = None
+    choices: str | tuple[str, ...] | None = None  # a feature holding the list of choices, or one feature each
     label: str = "label"
     uid: str | None = None  # feature used as the example id; None: running index
     layout: str = "columns"
@@ -61,6 +61,8 @@ class LocalFile:
     uid: str | None = None
     header: tuple[str, ...] | None = None
     drop_labels: tuple[str, ...] = ()  # raw labels meaning "no gold label" (SNLI '-'), dropped not errors
+    choices: tuple[str, ...] | None = None  # columns of a multiple-choice table, one per answer
+    encoding: str = "utf-8"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,7 @@ class TaskSpec:
     tfds: TfdsTaskSource
     local: Mapping[str, tuple[LocalFile, ...]]  # split -> files under the data root
     local_labels: tuple[str, ...] | None = None  # raw label strings in local files, in index order
+    on_error: str = "raise"  # bad rows: "raise" names file:line; "skip" skips and counts them
 
     @property
     def primary_metric(self) -> str:

@@ -20,7 +20,7 @@ from gpt1_jax.config_check import ConfigError
 
 RUN_CONFIG_FILE = "config.json"
 # Keys that define what a workdir's checkpoints are; changing them mid-run would mix two runs.
-IDENTITY_KEYS = ("mode", "model", "data.source", "seed", "optimizer", "train.batch_size", "task", "init")
+IDENTITY_KEYS = ("mode", "model", "data.source", "seed", "optimizer", "train.batch_size", "task", "custom", "init")
 
 
 def _identity(config: ConfigDict) -> dict:

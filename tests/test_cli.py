@@ -10,7 +10,7 @@ from absl import flags
 from gpt1_jax import cli, config_check, generate, train_cli, zeroshot
 from pretrain_helpers import REPO
 
-TOOLS = ["generate", "convert", "zeroshot", "report"]
+TOOLS = ["generate", "convert", "zeroshot", "report", "evaluate"]
 
 
 def define_toy_flags(flag_values: flags.FlagValues) -> None:

@@ -176,7 +176,7 @@ def test_missing_column_lists_the_columns(tmp_path):
 
 def test_non_utf8_bytes_name_file_and_line(tmp_path):
     path = _write(tmp_path, "d.tsv", b"sentence\tlabel\ncaf\xe9\t1\n")
-    with pytest.raises(DataError, match=r"d\.tsv:2: invalid UTF-8 byte 0xe9"):
+    with pytest.raises(DataError, match=r"d\.tsv:2: byte 0xe9 at column \d+ is not valid utf-8"):
         task_readers.read_columns(path, text_a="sentence", label="label", label_names=("0", "1"))
     result = task_readers.read_columns(path, text_a="sentence", label="label", label_names=("0", "1"),
                                        on_error="skip")

@@ -29,7 +29,7 @@ from ml_collections import ConfigDict
 
 from gpt1_jax import tasks, vocab_files
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.data.task_readers import Example, read_task
+from gpt1_jax.data.task_readers import DataError, Example, read_task
 from gpt1_jax.tokenizer import GPT1Tokenizer
 from gpt1_jax.vocab_files import CLASSIFY_ID, DELIMITER_ID, START_ID
 
@@ -216,7 +216,8 @@ def batches(arrays: TaskArrays, batch_size: int, *, shuffle: bool = False, seed:
 @dataclasses.dataclass
 class TaskData:
     """train: the training arrays; evals: labelled evaluation splits in the spec's order (the first
-    selects the best checkpoint); predict: unlabeled splits (GLUE test) with the ids of their examples."""
+    selects the best checkpoint); predict: the test splits, labelled or not (GLUE test), with the ids of
+    their examples, for the predictions files."""
 
     spec: tasks.TaskSpec
     train: TaskArrays
@@ -230,11 +231,20 @@ def _splits(spec: tasks.TaskSpec, source: str) -> tuple[str, ...]:
     return tuple(spec.local) if source == "local" else tuple(spec.tfds.splits)
 
 
+def task_source(spec: tasks.TaskSpec, config: ConfigDict) -> str:
+    """Where this run reads the task: `data.task_source`, or the one source a user's own task has."""
+    if not spec.tfds.names:
+        return "local"
+    if not spec.local:
+        return "tfds"
+    return config.data.task_source
+
+
 def read_split(spec: tasks.TaskSpec, split: str, config: ConfigDict) -> list[Example]:
     """The examples of one split, or an error naming the missing file and the config keys to change.
 
     `data.task_source` is checked with the rest of the config (`config_check.check_common`)."""
-    source = config.data.task_source
+    source = task_source(spec, config)
     if source == "local" and split not in spec.local:
         root = os.environ.get(vocab_files.DATA_ENV, "<unset>")
         raise ConfigError(
@@ -242,9 +252,15 @@ def read_split(spec: tasks.TaskSpec, split: str, config: ConfigDict) -> list[Exa
             f"{sorted(spec.local)}). Use --config.data.task_source=tfds (TFDS {', '.join(spec.tfds.names)}, "
             f"data dir data.tfds_data_dir).")
     try:
-        return read_task(spec, split, source, data_dir=config.data.tfds_data_dir or None).examples
+        examples = read_task(spec, split, source, data_dir=config.data.tfds_data_dir or None,
+                             on_error=spec.on_error).examples
     except FileNotFoundError as err:
         raise ConfigError(f"{err}. Put the file there, or use --config.data.task_source=tfds.") from err
+    if not examples:
+        where = [f.path for f in spec.local[split]] if source == "local" else f"TFDS {spec.tfds.names}"
+        raise DataError(f"task {spec.name!r}, split {split!r}: no examples in {where} (only a header, or every "
+                        "row skipped).")
+    return examples
 
 
 def train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Example], dict[str, list[Example]]]:
@@ -256,7 +272,7 @@ def train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Exam
     out and the rest trained on, both in that permuted order, so dev numbers compare with the release's.
     """
     evals = {split: read_split(spec, split, config) for split in spec.eval_splits
-             if split in _splits(spec, config.data.task_source)}
+             if split in _splits(spec, task_source(spec, config))}
     if TRAIN in spec.local or TRAIN in spec.tfds.splits:
         return read_split(spec, TRAIN, config), evals
     first = spec.eval_splits[0]
@@ -279,10 +295,10 @@ def load(config: ConfigDict, spec: tasks.TaskSpec, n_ctx: int) -> TaskData:
         order = np.random.default_rng(config.seed).permutation(len(train))[:cap]
         train = [train[i] for i in np.sort(order)]
     predict = {}
-    for split in _splits(spec, config.data.task_source):
+    for split in _splits(spec, task_source(spec, config)):
         if split.startswith(TEST) and split not in evals:
-            examples = read_split(spec, split, config)
-            if examples and all(ex.label is None for ex in examples):  # GLUE test sets: labels kept by the server
+            examples = read_split(spec, split, config)  # GLUE test sets: labels kept by the server
+            if examples:
                 predict[split] = examples
     tokenizer = GPT1Tokenizer.from_files(config.data.vocab_dir or None)
     groups = {TRAIN: train, **{f"eval:{k}": v for k, v in evals.items()},
@@ -293,6 +309,8 @@ def load(config: ConfigDict, spec: tasks.TaskSpec, n_ctx: int) -> TaskData:
     arrays = {name: build_inputs(e, spec.kind, n_ctx, max_text_len, seq_len) for name, e in encoded.items()}
     log.info("Task %s: %d train examples, eval %s, context length %d.", spec.name, len(train),
              {k: len(v) for k, v in evals.items()}, seq_len)
-    return TaskData(spec, arrays[TRAIN], {k: arrays[f"eval:{k}"] for k in evals},
-                    {k: (arrays[f"predict:{k}"], [ex.uid for ex in v]) for k, v in predict.items()},
-                    seq_len, tokenizer.fingerprint)
+    # Test splits get a predictions file whether their labels are known (scored too) or not (GLUE).
+    predictions = {k: (arrays[f"eval:{k}"], [ex.uid for ex in v]) for k, v in evals.items() if k.startswith(TEST)}
+    predictions.update({k: (arrays[f"predict:{k}"], [ex.uid for ex in v]) for k, v in predict.items()})
+    return TaskData(spec, arrays[TRAIN], {k: arrays[f"eval:{k}"] for k in evals}, predictions, seq_len,
+                    tokenizer.fingerprint)

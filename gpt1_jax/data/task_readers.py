@@ -76,13 +76,15 @@ class _Policy:
 
     def bad_row(self, message: str) -> None:
         if not self.skip:
-            raise DataError(message + " (pass on_error='skip' to skip such rows)")
+            raise DataError(message + " (on_error='skip' skips and counts such rows: custom.on_error for your own "
+                            "task)")
         self.result.skipped += 1
         self.result.problems.append(message)
 
     def bad_bytes(self, message: str) -> None:
         if not self.skip:
-            raise DataError(message + " (re-encode the file as UTF-8, or pass on_error='skip' to replace)")
+            raise DataError(message + " (name the file's encoding, e.g. latin-1: custom.encoding for your own "
+                            "task; or pass on_error='skip' to replace such bytes)")
         self.result.repaired += 1
         self.result.problems.append(message)
 
@@ -95,15 +97,16 @@ def resolve_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Pat
     return pathlib.Path(root)
 
 
-def _lines(path: pathlib.Path, policy: _Policy) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its end-of-line) for each line; strict UTF-8, BOM stripped."""
+def _lines(path: pathlib.Path, policy: _Policy, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its end-of-line) for each line; strict decoding, BOM stripped."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode(encoding)
             except UnicodeDecodeError as e:
-                policy.bad_bytes(f"{path}:{number}: invalid UTF-8 byte {raw[e.start]:#04x} at column {e.start + 1}")
-                line = raw.decode("utf-8", errors="replace")
+                policy.bad_bytes(f"{path}:{number}: byte {raw[e.start]:#04x} at column {e.start + 1} is not valid "
+                                 f"{encoding}")
+                line = raw.decode(encoding, errors="replace")
             if number == 1:
                 line = line.removeprefix("\ufeff")
             yield number, line.rstrip("\r\n")
@@ -113,10 +116,13 @@ def _table_records(rows: Iterable[tuple[int, list[str]]], path: pathlib.Path, he
                    required: Sequence[str], policy: _Policy) -> Iterator[tuple[int, dict[str, str]]]:
     rows = iter(rows)
     if header is None:
-        _, header = next(rows, (0, []))
+        number, header = next(rows, (0, None))
+        if header is None or header == [""]:
+            raise DataError(f"{path}: the file is empty; a table needs a header line naming its columns")
     missing = [c for c in required if c not in header]
     if missing:
-        raise DataError(f"{path}: no column(s) {missing}; the columns are {list(header)}")
+        raise DataError(f"{path}: no column(s) {missing}; the columns are {list(header)} (a file without a header "
+                        "line needs its column names given: custom.columns for your own task)")
     for number, fields in rows:
         if fields == [""] or not fields:
             continue  # blank line, e.g. at the end of a file
@@ -126,14 +132,14 @@ def _table_records(rows: Iterable[tuple[int, list[str]]], path: pathlib.Path, he
         yield number, dict(zip(header, fields))
 
 
-def _tsv_records(path, header, required, policy):
+def _tsv_records(path, header, required, policy, encoding="utf-8"):
     """GLUE TSV: split on tabs with no quote handling, because several files hold unbalanced `"`."""
-    rows = ((number, line.split("\t")) for number, line in _lines(path, policy))
+    rows = ((number, line.split("\t")) for number, line in _lines(path, policy, encoding))
     return _table_records(rows, path, header, required, policy)
 
 
-def _csv_records(path, header, required, policy):
-    lines = _lines(path, policy)
+def _csv_records(path, header, required, policy, encoding="utf-8"):
+    lines = _lines(path, policy, encoding)
     numbers = []
 
     def text() -> Iterator[str]:
@@ -155,9 +161,9 @@ def _csv_records(path, header, required, policy):
     return _table_records(rows, path, header, required, policy)
 
 
-def _jsonl_records(path, header, required, policy):
+def _jsonl_records(path, header, required, policy, encoding="utf-8"):
     del header
-    for number, line in _lines(path, policy):
+    for number, line in _lines(path, policy, encoding):
         if not line.strip():
             continue
         try:
@@ -192,36 +198,81 @@ def _parse_label(raw: Any, label_names: Sequence[str] | None, where: str, policy
     return list(label_names).index(str(raw))
 
 
+def _parse_choice(raw: Any, choices: Sequence[str], where: str, policy: _Policy) -> int | None:
+    """The right answer of a multiple-choice row: its 0-based index, or the text of one of its choices."""
+    text = str(raw)
+    if text in choices:
+        return list(choices).index(text)
+    if text.strip().isdigit() and int(text) < len(choices):
+        return int(text)
+    policy.bad_row(f"{where}: label {raw!r} is neither an index 0..{len(choices) - 1} nor the text of a choice")
+    return None
+
+
+def table_format(path: str | os.PathLike, format: str | None = None) -> str:
+    """`format`, else the file's suffix; one of tsv, csv, jsonl."""
+    path = pathlib.Path(path)
+    format = format or path.suffix.lstrip(".").lower()
+    if format not in _RECORDS:
+        raise DataError(f"{path}: unknown format {format!r}; use one of {sorted(_RECORDS)} (a suffix or custom.format)")
+    return format
+
+
 def read_columns(path: str | os.PathLike, *, text_a: str, text_b: str | None = None, label: str | None = None,
                  label_names: Sequence[str] | None = None, uid: str | None = None, format: str | None = None,
                  header: Sequence[str] | None = None, drop_labels: Sequence[str] = (),
-                 on_error: str = "raise") -> ReadResult:
-    """Classification or pair data from a TSV, CSV or JSON-lines file, with its columns named.
+                 choices: Sequence[str] | None = None, encoding: str = "utf-8", on_error: str = "raise") -> ReadResult:
+    """Classification, pair or multiple-choice data from a TSV, CSV or JSON-lines file, its columns named.
 
     Works for the task files (GLUE, SNLI, MNLI, SciTail) and for a user's own data. `format` defaults to the
     suffix (.tsv/.csv/.jsonl); `header` names the columns of a file without a header line; `label=None`
     reads an unlabeled file; `label_names` gives the raw label values in index order (None: float labels).
+    With `choices` (column names) a row is a multiple-choice example whose label is the index or the text
+    of the right choice.
     """
     path = pathlib.Path(path)
-    format = format or path.suffix.lstrip(".")
-    if format not in _RECORDS:
-        raise DataError(f"{path}: unknown format {format!r}; use one of {sorted(_RECORDS)}")
+    format = table_format(path, format)
     result = ReadResult([])
     policy = _Policy(on_error, result)
-    required = [c for c in (text_a, text_b, label, uid) if c is not None]
-    for row, (number, record) in enumerate(_RECORDS[format](path, header, required, policy)):
+    required = [c for c in (text_a, text_b, label, uid, *(choices or ())) if c is not None]
+    for row, (number, record) in enumerate(_RECORDS[format](path, header, required, policy, encoding)):
+        choice_texts = tuple(str(record[c]) for c in choices) if choices else None
         parsed = None
         if label is not None:
+            where = f"{path}:{number}"
             if str(record[label]) in drop_labels:
                 result.dropped += 1
                 continue
-            parsed = _parse_label(record[label], label_names, f"{path}:{number}", policy)
+            if choice_texts:
+                parsed = _parse_choice(record[label], choice_texts, where, policy)
+            else:
+                parsed = _parse_label(record[label], label_names, where, policy)
             if parsed is None:
                 continue
         text_b_value = str(record[text_b]) if text_b is not None else None
         result.examples.append(Example(str(record[uid]) if uid else str(row), str(record[text_a]),
-                                       text_b_value, label=parsed))
+                                       text_b_value, choice_texts, label=parsed))
     return _logged(result, str(path))
+
+
+def column_values(path: str | os.PathLike, column: str, *, format: str | None = None,
+                  header: Sequence[str] | None = None, encoding: str = "utf-8", on_error: str = "raise") -> list[str]:
+    """Every value of one column (or JSON field) of a table, in file order: a user's raw labels, say."""
+    path = pathlib.Path(path)
+    result = ReadResult([])
+    records = _RECORDS[table_format(path, format)](path, header, [column], _Policy(on_error, result), encoding)
+    return [str(record[column]) for _, record in records]
+
+
+def table_columns(path: str | os.PathLike, *, format: str | None = None, header: Sequence[str] | None = None,
+                  encoding: str = "utf-8") -> list[str]:
+    """The column names of a table (its header, or `header`), or the fields of a JSON-lines file's first row."""
+    if header is not None:
+        return list(header)
+    path = pathlib.Path(path)
+    records = _RECORDS[table_format(path, format)](path, None, [], _Policy("skip", ReadResult([])), encoding)
+    first = next(iter(records), None)
+    return list(first[1]) if first else []
 
 
 def _is_strings(value) -> bool:
@@ -293,7 +344,7 @@ def _read_columns_file(file: tasks.LocalFile, path: pathlib.Path, spec: tasks.Ta
     label_names = spec.raw_labels if spec.label_names else None
     return read_columns(path, text_a=file.text_a, text_b=file.text_b, label=file.label, label_names=label_names,
                         uid=file.uid, format=file.format, header=file.header, drop_labels=file.drop_labels,
-                        on_error=on_error)
+                        choices=file.choices, encoding=file.encoding, on_error=on_error)
 
 
 _LOCAL_FORMATS: dict[str, Callable[..., ReadResult]] = {
@@ -311,9 +362,11 @@ def read_local(spec: tasks.TaskSpec, split: str, data_root: str | os.PathLike | 
     if split not in spec.local:
         raise DataError(f"task {spec.name!r} has no local {split!r} split (local splits: {sorted(spec.local)}); "
                         f"read it from TFDS with read_tfds (TFDS splits: {sorted(spec.tfds.splits)})")
-    root = resolve_data_root(data_root)
+    files = spec.local[split]
+    # A user's own task names its files by absolute path; the paper's tasks live under the data root.
+    root = resolve_data_root(data_root) if not all(os.path.isabs(f.path) for f in files) else pathlib.Path("/")
     result = ReadResult([])
-    for file in spec.local[split]:
+    for file in files:
         path = root / file.path
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: task {spec.name!r} split {split!r} expects it under the "
@@ -328,8 +381,16 @@ def _text(value: Any) -> str:
 
 def _tfds_columns(record: dict, src: tasks.TfdsTaskSource, spec: tasks.TaskSpec, index: int, where: str,
                   policy: _Policy, result: ReadResult) -> None:
-    choices = tuple(_text(c) for c in record[src.choices]) if src.choices else None
+    if isinstance(src.choices, tuple):  # one feature per choice
+        choices = tuple(_text(record[c]) for c in src.choices)
+    else:  # one feature holding the list of choices
+        choices = tuple(_text(c) for c in record[src.choices]) if src.choices else None
     raw = record[src.label].item()
+    if isinstance(raw, (bytes, str)):  # a label stored as text: its index among the task's raw labels
+        raw = spec.raw_labels.index(_text(raw)) if _text(raw) in spec.raw_labels else _text(raw)
+        if isinstance(raw, str):
+            policy.bad_row(f"{where}: label {raw!r} is not one of {list(spec.raw_labels)}")
+            return
     if not spec.label_names:
         label = float(raw)
     elif raw == -1:  # TFDS marks unlabeled (GLUE test) and gold-less (SNLI) examples with -1
