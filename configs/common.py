@@ -33,7 +33,9 @@ def base_config() -> ConfigDict:
         source="", tfds_data_dir="", vocab_dir="", cache_dir="", val_fraction=0.01, shard_by_process=True,
         # Task data (fine-tuning, zero-shot probes): "local" files under $GPT1_JAX_DATA laid out like
         # shared/data, or "tfds" under data.tfds_data_dir.
-        task_source="local" if has_local_data() else "tfds"))
+        task_source="local" if has_local_data() else "tfds",
+        # A bad row of a task file: "raise" (an error naming file and line) or "skip" (skipped, counted, logged).
+        on_error="raise"))
     # kind: "released" is the released code's Adam (opt.py), the one OpenAI wrote for the paper's
     # decoupled weight decay [37]; its pre-training code is not public, so pre-training uses it too, as
     # the closest evidence of what the paper ran. "adamw" is optax.adamw (gpt1_jax/optim.py says how
@@ -44,6 +46,8 @@ def base_config() -> ConfigDict:
     config.train = ConfigDict(dict(
         batch_size=64, grad_accum_steps=1, num_steps=1000, log_every=50, eval_every=1000, eval_batch_size=64,
         eval_batches=0, loss_chunk=0, nonfinite="stop", peak_flops=0.0,
+        # With nonfinite="skip": fail at the end when more than this fraction of the updates was skipped.
+        max_nonfinite_fraction=0.1,
         # Save and exit after this step (0: never), for time-sliced jobs; rerun without it to continue.
         stop_at=0,
         # A jax.profiler trace of these updates ("FIRST-LAST" or "STEP"; "": off) under the run's tensorboard/

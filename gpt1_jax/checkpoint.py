@@ -23,12 +23,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from gpt1_jax.errors import UserError
 from gpt1_jax.model import GPT1, GPT1Config
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be read or written."""
 
 

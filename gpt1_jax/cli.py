@@ -10,17 +10,23 @@ from the first call's values.
 absl spells a multi-word flag with underscores (`--top_p`, as in `--config.data.task_source`). Each
 such flag also answers to its dashed spelling (`--top-p`), the one these tools had under argparse, so
 older command lines keep working. `--help` prints the usage and the flags and exits 0; a command line
-that cannot run prints the usage and the reason and exits 2, as argparse did.
+that cannot run prints the usage and the reason and exits 2, as argparse did. An entry point decorated
+with `reports_user_errors` prints our own errors (`gpt1_jax.errors.UserError`: a bad config key, file or
+checkpoint) as one line `error: ...` and exits 2; `--verbose` adds the traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
+import traceback
 from typing import Callable, NoReturn, Sequence
 
 from absl import flags
+
+from gpt1_jax.errors import UserError
 
 USAGE_ERROR_STATUS = 2  # argparse's, and the shell's convention for a misused command
 
@@ -77,6 +83,8 @@ def parse(argv: Sequence[str] | None, define_flags: Callable[[flags.FlagValues],
     usage = f"usage: {prog} {synopsis}"
     flag_values = flags.FlagValues()
     flags.DEFINE_flag(_HelpFlag(), flag_values=flag_values)
+    flags.DEFINE_boolean("verbose", False, "Show the traceback of an error too, not only its one-line message.",
+                         flag_values=flag_values)
     define_flags(flag_values)
     dashed = {name.replace("_", "-"): name for name in list(flag_values) if "_" in name}
     for alias, name in dashed.items():
@@ -93,6 +101,26 @@ def parse(argv: Sequence[str] | None, define_flags: Callable[[flags.FlagValues],
     if positional is not None and not args:
         _exit_with_usage_error(usage, f"give at least one {positional}")
     return CommandLine(flag_values, args, usage)
+
+
+def reports_user_errors(main: Callable[[Sequence[str] | None], None]) -> Callable[[Sequence[str] | None], None]:
+    """`main(argv)` with our own errors printed as one line `error: ...` (status 2) instead of a traceback.
+
+    The message of a `UserError` names the key, file or checkpoint and what to do; a traceback would bury
+    it. With `--verbose` the traceback is printed first. Every other exception is a bug and propagates.
+    """
+
+    @functools.wraps(main)
+    def entry_point(argv: Sequence[str] | None = None) -> None:
+        try:
+            main(argv)
+        except UserError as err:
+            if "--verbose" in (sys.argv[1:] if argv is None else argv):
+                traceback.print_exc()
+            sys.stderr.write(f"error: {err}\n")
+            raise SystemExit(USAGE_ERROR_STATUS) from None
+
+    return entry_point
 
 
 def define_model_flags(flag_values: flags.FlagValues) -> None:

@@ -8,14 +8,58 @@ still before compilation.
 
 from __future__ import annotations
 
+import math
+
 import jax
 from ml_collections import ConfigDict
 
 from gpt1_jax import optim, vocab_files
+from gpt1_jax.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot work, named by its key."""
+
+
+def _interval(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+    """(test, wording) of a range of finite values: [low, high], each end open or closed."""
+    def test(value: float) -> bool:
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return math.isfinite(value) and above and below
+
+    if math.isinf(high):
+        return test, f"{'>' if low_open else '>='} {low:g}"
+    return test, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+AT_LEAST_1, AT_LEAST_0 = _interval(1, math.inf), _interval(0, math.inf)
+POSITIVE, PROBABILITY = _interval(0, math.inf, low_open=True), _interval(0, 1, high_open=True)
+# The valid values of every numeric key that has a range; keys a recipe lacks (finetune.* when
+# pre-training) are skipped. Walked by `check_ranges` before anything compiles.
+RANGES = {
+    "optimizer.lr": POSITIVE, "optimizer.eps": POSITIVE, "optimizer.b1": PROBABILITY, "optimizer.b2": PROBABILITY,
+    "optimizer.weight_decay": AT_LEAST_0, "optimizer.grad_clip_norm": AT_LEAST_0,
+    "optimizer.warmup_steps": AT_LEAST_0, "optimizer.warmup_fraction": _interval(0, 1),
+    "model.embd_dropout": PROBABILITY, "model.attn_dropout": PROBABILITY, "model.resid_dropout": PROBABILITY,
+    "finetune.clf_dropout": PROBABILITY,
+    "train.batch_size": AT_LEAST_1, "train.eval_batch_size": AT_LEAST_1, "train.log_every": AT_LEAST_1,
+    "train.eval_every": AT_LEAST_0, "train.eval_batches": AT_LEAST_0, "train.stop_at": AT_LEAST_0,
+    "train.loss_chunk": AT_LEAST_0, "train.max_nonfinite_fraction": _interval(0, 1),
+    "checkpoint.every": AT_LEAST_1, "checkpoint.keep": AT_LEAST_1,
+    "data.val_fraction": _interval(0, 1, low_open=True, high_open=True),
+}
+
+
+def check_ranges(config: ConfigDict) -> None:
+    """Every key of `RANGES` the config has lies in its range, or a ConfigError names the key and the range."""
+    for key, (test, wording) in RANGES.items():
+        section, name = key.split(".")
+        if section not in config or name not in config[section]:
+            continue
+        value = config[section][name]
+        if not test(float(value)):
+            raise ConfigError(f"{key}={value} is out of range: it must be {wording}.")
 
 
 def check_batching(config: ConfigDict) -> None:
@@ -35,22 +79,21 @@ def check_batching(config: ConfigDict) -> None:
 
 
 def check_common(config: ConfigDict) -> None:
-    positive = ["train.log_every", "checkpoint.every", "checkpoint.keep", "train.batch_size", "train.eval_batch_size"]
-    for key in positive:
-        section, name = key.split(".")
-        if config[section][name] < 1:
-            raise ConfigError(f"{key}={config[section][name]} must be >= 1.")
+    check_ranges(config)
     if config.optimizer.kind not in optim.KINDS:
         raise ConfigError(f"optimizer.kind={config.optimizer.kind!r}: use 'released' (the released code's Adam) "
                           "or 'adamw' (optax.adamw).")
     if config.train.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.nonfinite={config.train.nonfinite!r}: use 'stop' or 'skip'.")
+    if config.data.on_error not in ("raise", "skip"):
+        raise ConfigError(f"data.on_error={config.data.on_error!r}: use 'raise' (stop at a bad row of a task file, "
+                          "naming it) or 'skip' (skip and count such rows).")
     if config.data.task_source not in ("local", "tfds"):
         raise ConfigError(f"data.task_source={config.data.task_source!r}: use 'local' "
                           f"(files under ${vocab_files.DATA_ENV}) or 'tfds'.")
-    if config.train.eval_batch_size % jax.process_count():
-        raise ConfigError(f"train.eval_batch_size={config.train.eval_batch_size} must be divisible by "
-                          f"the {jax.process_count()} processes.")
+    if config.train.eval_batch_size % jax.device_count():
+        raise ConfigError(f"train.eval_batch_size={config.train.eval_batch_size} must be divisible by the "
+                          f"{jax.device_count()} devices (and so by the {jax.process_count()} processes).")
     check_batching(config)
     profile_window(config)
 

@@ -23,6 +23,7 @@ from absl import flags
 from flax import nnx
 
 from gpt1_jax import cli
+from gpt1_jax.errors import UserError
 from gpt1_jax.model import GPT1, GPT1Config
 
 N_ORIGINAL_SHARDS = 10
@@ -34,7 +35,7 @@ HF_PREFIX = "transformer."
 N_SPECIAL_KEY = "gpt1_jax_n_special"
 
 
-class WeightFormatError(ValueError):
+class WeightFormatError(UserError, ValueError):
     """Weights on disk do not have the layout or shapes the model needs."""
 
 
@@ -366,6 +367,7 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
         message="--n_head is for --openai only: the other formats record their head count", **define)
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     """`python -m gpt1_jax.convert` (`gpt1-convert`); `argv` excludes the program name."""
     args = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.convert", synopsis=SYNOPSIS, doc=__doc__).flags

@@ -28,6 +28,8 @@ import os
 import jax
 from jax._src import clusters  # jax's launcher detectors, which have no public API
 
+from gpt1_jax.errors import UserError
+
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed.initialize() itself
 NUM_PROCESSES_ENV = "GPT1_JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "GPT1_JAX_PROCESS_ID"
@@ -35,7 +37,7 @@ MANUAL_LAUNCH = (f"A launch by hand sets {COORDINATOR_ENV}=host:port (process 0'
                  f"{NUM_PROCESSES_ENV}=N and {PROCESS_ID_ENV}=i (0 <= i < N) in every process")
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """A multi-process launch whose environment is incomplete."""
 
 

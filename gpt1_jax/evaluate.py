@@ -95,9 +95,10 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
     define = dict(flag_values=flag_values)
     flags.DEFINE_string("data", None, "The text: files:GLOB, local:GLOB (under $GPT1_JAX_DATA) or "
                         "tfds:NAME[:SPLIT][?feature=F], as data.source.", required=True, **define)
-    flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.", **define)
+    flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.", lower_bound=1, **define)
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     """`python -m gpt1_jax.evaluate` (`gpt1-evaluate`); `argv` excludes the program name."""
     command = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.evaluate", synopsis=SYNOPSIS, doc=__doc__)

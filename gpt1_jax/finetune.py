@@ -29,6 +29,7 @@ naming the key. Run choices (dropouts, dtype, remat, attention, scan_layers) alw
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import pathlib
@@ -84,7 +85,7 @@ def task_spec(config: ConfigDict) -> tasks.TaskSpec:
             config.custom.labels = ",".join(spec.label_names)
         return spec
     try:
-        return tasks.get_task(config.task)
+        return dataclasses.replace(tasks.get_task(config.task), on_error=config.data.on_error)
     except ValueError as err:
         raise ConfigError(f"task={config.task!r}: {err} (or {custom_task.NAME!r}: your own files, "
                           "config.custom).") from None
@@ -107,9 +108,6 @@ def check_config(config: ConfigDict) -> tasks.TaskSpec:
     if any(step < 1 for step in eval_steps_in_first_epoch(config)):
         raise ConfigError(f"finetune.eval_at={ft.eval_at!r}: give comma-separated update counts >= 1 "
                           "(the release evaluates at 1000,2000,4000,8000,16000,32000), or '' for none.")
-    if config.train.eval_batch_size % jax.device_count():
-        raise ConfigError(f"train.eval_batch_size={config.train.eval_batch_size} must be divisible by the "
-                          f"{jax.device_count()} devices.")
     if config.optimizer.schedule != "warmup_linear":
         log.warning("optimizer.schedule=%s; the paper fine-tunes with warmup_linear.", config.optimizer.schedule)
     return spec

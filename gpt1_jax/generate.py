@@ -18,6 +18,7 @@ Command line (installed as `gpt1-generate`):
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -210,14 +211,18 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
     define = dict(flag_values=flag_values)
     flags.DEFINE_string("prompt", None, "The text to continue.", required=True, **define)
     flags.DEFINE_integer("max_new_tokens", 50, "How many tokens to sample (fewer if the context fills up).",
-                         **define)
-    flags.DEFINE_float("temperature", 1.0, "Divides the logits before sampling.", **define)
-    flags.DEFINE_integer("top_k", None, "Sample among the K most likely tokens only.", **define)
-    flags.DEFINE_float("top_p", None, "Nucleus sampling: the smallest set of tokens with probability >= P.", **define)
+                         lower_bound=1, **define)
+    flags.DEFINE_float("temperature", 1.0, "Divides the logits before sampling (0: greedy).", lower_bound=0.0,
+                       **define)
+    flags.register_validator("temperature", math.isfinite, "--temperature must be a finite number", **define)
+    flags.DEFINE_integer("top_k", None, "Sample among the K most likely tokens only.", lower_bound=1, **define)
+    flags.DEFINE_float("top_p", None, "Nucleus sampling: the smallest set of tokens with probability >= P.",
+                       lower_bound=0.0, upper_bound=1.0, **define)
     flags.DEFINE_integer("seed", 0, "The sampling key, jax.random.key(seed).", **define)
     flags.DEFINE_boolean("greedy", False, "Take the most likely token at every step.", **define)
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     """`python -m gpt1_jax.generate` (`gpt1-generate`); `argv` excludes the program name."""
     command = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.generate", synopsis=SYNOPSIS,

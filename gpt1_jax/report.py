@@ -14,13 +14,14 @@ import pathlib
 from absl import flags
 
 from gpt1_jax import cli
+from gpt1_jax.errors import UserError
 from gpt1_jax.run_log import METRICS_FILE, read_metrics
 
 PAPER_BOOKSCORPUS_PERPLEXITY = 18.4
 HEADER = ["| run | task | split | metric | ours | paper | difference |", "|---|---|---|---|---:|---:|---:|"]
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A folder that is not a gpt1_jax run directory."""
 
 
@@ -69,6 +70,7 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("plots", None, "Write each run's curves as PNG files here.", **define)
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     """`python -m gpt1_jax.report RUN_DIR...` (`gpt1-report`); `argv` excludes the program name."""
     command = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.report", synopsis=SYNOPSIS, doc=__doc__,

@@ -33,6 +33,7 @@ def _define_flags(flag_values: flags.FlagValues, *, argv: list[str]) -> None:
     flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     """`python train.py` (`gpt1-train`); `argv` excludes the program name."""
     argv = sys.argv[1:] if argv is None else argv

@@ -27,6 +27,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from gpt1_jax import checkpoint, config_check, sharding
+from gpt1_jax.errors import UserError
 from gpt1_jax.preemption import StopRequest
 from gpt1_jax.run_log import RunLog
 
@@ -34,7 +35,7 @@ from gpt1_jax.run_log import RunLog
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """The loss or the gradients stopped being finite."""
 
 
@@ -172,6 +173,23 @@ def check_finite(state: TrainState, config: ConfigDict, checkpointer: checkpoint
     return bad
 
 
+def report_skipped(state: TrainState, config: ConfigDict, run_log: RunLog) -> None:
+    """Say how many updates `train.nonfinite=skip` skipped; fail past `train.max_nonfinite_fraction` of them.
+
+    A run that skipped most of its updates exits 0 otherwise, with parameters that barely trained.
+    """
+    bad, steps = int(state.nonfinite_steps), int(state.step)
+    if not bad:
+        return
+    run_log.message(f"Warning: {bad} of {steps} updates had a non-finite loss or gradient and were skipped "
+                    "(train.nonfinite=skip).")
+    if bad > config.train.max_nonfinite_fraction * steps:
+        raise NonFiniteError(
+            f"{bad} of {steps} updates ({bad / steps:.0%}) were skipped as non-finite, more than "
+            f"train.max_nonfinite_fraction={config.train.max_nonfinite_fraction}: the model hardly trained. Lower "
+            "optimizer.lr, check the data, or raise train.max_nonfinite_fraction.")
+
+
 def run_metadata(config: ConfigDict, model_config: dict, tokenizer_identity: str, kind: str) -> dict:
     """What every checkpoint of a run records beside its arrays (read by fine-tuning and the report)."""
     return {"model_config": model_config, "tokenizer": tokenizer_identity, "kind": kind,
@@ -273,4 +291,6 @@ def run(config: ConfigDict, compiled: Compiled, state: TrainState, checkpointer:
                                 "(without train.stop_at) to resume.")
                 final["stopped_at"] = float(done)
                 break
+    if "stopped_at" not in final:
+        report_skipped(state, config, run_log)
     return state, final

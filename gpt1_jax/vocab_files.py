@@ -19,6 +19,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from gpt1_jax.errors import UserError
+
 ENCODER_FILE = "encoder_bpe_40000.json"
 MERGES_FILE = "vocab_40000.bpe"
 VOCAB_FILES = (ENCODER_FILE, MERGES_FILE)
@@ -37,7 +39,7 @@ N_SPECIAL = 3
 START_ID, DELIMITER_ID, CLASSIFY_ID = VOCAB_SIZE, VOCAB_SIZE + 1, VOCAB_SIZE + 2
 
 
-class VocabFilesNotFoundError(FileNotFoundError):
+class VocabFilesNotFoundError(UserError, FileNotFoundError):
     """Raised when the vocabulary is neither on disk nor downloadable; the message says how to fix it."""
 
 

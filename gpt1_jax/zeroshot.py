@@ -119,10 +119,11 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
     define = dict(flag_values=flag_values)
     flags.DEFINE_enum("task", None, sorted(PROBES), "The task to probe.", required=True, **define)
     flags.DEFINE_string("split", "validation", "A labelled split of the task.", **define)
-    flags.DEFINE_integer("max_examples", None, "Evaluate only the first N examples.", **define)
+    flags.DEFINE_integer("max_examples", None, "Evaluate only the first N examples.", lower_bound=1, **define)
     flags.DEFINE_string("data_root", None, "Data folder (default: $GPT1_JAX_DATA).", **define)
 
 
+@cli.reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     """`python -m gpt1_jax.zeroshot` (`gpt1-zeroshot`); `argv` excludes the program name."""
     args = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.zeroshot", synopsis=SYNOPSIS, doc=__doc__).flags

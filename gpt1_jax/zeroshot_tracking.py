@@ -9,6 +9,8 @@ the current parameters with `gpt1_jax.zeroshot` whenever the loop asks. The valu
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -44,7 +46,8 @@ class ZeroShotTracker:
         self.examples: dict[str, list[Example]] = {}
         for name in self.names:
             try:
-                examples = read_split(tasks.get_task(name), config.zeroshot.split, config)
+                spec = dataclasses.replace(tasks.get_task(name), on_error=config.data.on_error)
+                examples = read_split(spec, config.zeroshot.split, config)
             except (OSError, ValueError) as err:
                 raise ConfigError(f"zeroshot.tasks={name!r}, zeroshot.split={config.zeroshot.split!r}: {err}") from err
             self.examples[name] = examples[:config.zeroshot.max_examples or None]

@@ -1,5 +1,6 @@
 """The command line of every entry point: absl flags per call, dashed spellings, --help, usage errors."""
 
+import importlib
 import pathlib
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 from absl import flags
 
-from gpt1_jax import cli, config_check, generate, train_cli, zeroshot
+from gpt1_jax import cli, generate, train_cli, zeroshot
 from pretrain_helpers import REPO
 
 TOOLS = ["generate", "convert", "zeroshot", "report", "evaluate"]
@@ -66,10 +67,48 @@ def test_tools_with_the_same_flag_names_live_in_one_process(capsys):
     assert "checkpoint" not in flags.FLAGS
 
 
-def test_train_reads_config_overrides_from_the_argv_it_is_given(tmp_path):
+def test_train_reads_config_overrides_from_the_argv_it_is_given(tmp_path, capsys):
     argv = ["--config", str(REPO / "configs" / "tiny_pretrain.py"), "--workdir", str(tmp_path), "--config.mode=bogus"]
-    with pytest.raises(config_check.ConfigError, match="mode='bogus'"):
+    with pytest.raises(SystemExit) as exit_info:
         train_cli.main(argv)
+    assert exit_info.value.code == 2 and "error: mode='bogus'" in capsys.readouterr().err
+
+
+def user_error_command_lines(tmp_path: pathlib.Path) -> dict[str, tuple]:
+    """One command line per entry point that fails on the user's input, and what its message must name."""
+    missing = str(tmp_path / "no-such-checkpoint")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    return {
+        "train": (train_cli, ["--config", str(REPO / "configs" / "tiny_pretrain.py"), "--workdir", str(tmp_path / "w"),
+                              "--config.train.batch_size=0"], "train.batch_size=0"),
+        "generate": (generate, ["--checkpoint", missing, "--prompt", "hello"], missing),
+        "zeroshot": (zeroshot, ["--checkpoint", missing, "--task", "sst2"], missing),
+        "evaluate": ("evaluate", ["--checkpoint", missing, "--data", "files:*.txt"], missing),
+        "convert": ("convert", ["--openai", str(empty), "--orbax", str(tmp_path / "out")], str(empty)),
+        "report": ("report", [str(empty)], str(empty)),
+    }
+
+
+@pytest.mark.parametrize("name", ["train", "generate", "zeroshot", "evaluate", "convert", "report"])
+def test_our_own_errors_are_one_line_and_exit_2_with_the_traceback_behind_verbose(tmp_path, capsys, name):
+    tool, argv, named = user_error_command_lines(tmp_path)[name]
+    if isinstance(tool, str):
+        tool = importlib.import_module(f"gpt1_jax.{tool}")
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and named in err
+    with pytest.raises(SystemExit):
+        tool.main([*argv, "--verbose"])
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    monkeypatch.setattr(generate, "load_model", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        generate.main(["--checkpoint", "x", "--prompt", "hello"])
 
 
 def entry_points() -> list[tuple[list[str], str]]:
@@ -88,3 +127,17 @@ def test_every_entry_point_prints_its_help(command, prog):
     result = subprocess.run([*command, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith(f"usage: {prog} ") and "\nflags:\n  -h, --help" in result.stdout
+
+
+@pytest.mark.parametrize("tool, argv, named", [
+    (generate, ["--max_new_tokens", "0"], "--max_new_tokens"),
+    (generate, ["--temperature", "nan"], "--temperature"),
+    (generate, ["--temperature", "-1"], "--temperature"),
+    (generate, ["--top_p", "1.5"], "--top_p"),
+    (zeroshot, ["--task", "sst2", "--max_examples", "-5"], "--max_examples"),
+])
+def test_numeric_flags_out_of_range_are_usage_errors(capsys, tool, argv, named):
+    base = ["--checkpoint", "x"] + (["--prompt", "hi"] if tool is generate else [])
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(base + argv)
+    assert exit_info.value.code == 2 and named.lstrip("-") in capsys.readouterr().err

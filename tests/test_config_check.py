@@ -4,12 +4,15 @@ Tested elsewhere: refused `train.profile_steps` (test_train_lib.py), an unknown 
 (test_optim.py), and bad configs failing a whole pre-training launch (test_pretrain.py).
 """
 
+import re
+
 import jax
 import pytest
+from ml_collections import ConfigDict
 
 from configs import finetune, gpt1_pretrain, tiny_pretrain
 from gpt1_jax import config_check
-from gpt1_jax.config_check import ConfigError
+from gpt1_jax.config_check import RANGES, ConfigError, check_common
 
 RECIPES = {"tiny_pretrain": tiny_pretrain.get_config, "finetune": finetune.get_config,
            "finetune:tiny": lambda: finetune.get_config("tiny")}
@@ -71,3 +74,29 @@ def test_bad_pretraining_value_names_its_key(overrides, message):
 def test_profile_window_reads_one_update_or_a_range(text, window):
     config = overridden(tiny_pretrain.get_config(), {"train.profile_steps": text})
     assert config_check.profile_window(config) == window
+
+
+@pytest.mark.parametrize("key, value, wording", [
+    ("optimizer.lr", 0.0, "> 0"), ("optimizer.lr", -1e-4, "> 0"), ("optimizer.eps", 0.0, "> 0"),
+    ("optimizer.b1", 1.0, "in [0, 1)"), ("optimizer.b2", -0.1, "in [0, 1)"), ("optimizer.weight_decay", -0.01, ">= 0"),
+    ("optimizer.grad_clip_norm", -1.0, ">= 0"), ("optimizer.warmup_steps", -1, ">= 0"),
+    ("optimizer.warmup_fraction", 1.5, "in [0, 1]"), ("model.attn_dropout", 1.0, "in [0, 1)"),
+    ("model.embd_dropout", -0.1, "in [0, 1)"), ("train.eval_every", -1, ">= 0"), ("train.eval_batches", -2, ">= 0"),
+    ("train.stop_at", -1, ">= 0"), ("train.loss_chunk", -8, ">= 0"), ("optimizer.lr", float("nan"), "> 0"),
+    ("finetune.clf_dropout", 1.2, "in [0, 1)"),
+])
+def test_every_key_with_a_range_is_checked_before_anything_compiles(key, value, wording):
+    config = finetune.get_config("tiny")
+    section, name = key.split(".")
+    config[section][name] = value
+    message = rf"{re.escape(key)}={value} is out of range: it must be {re.escape(wording)}"
+    with pytest.raises(ConfigError, match=message):
+        check_common(config)
+
+
+def test_the_range_table_only_names_keys_the_recipes_have():
+    keys = set()
+    for config in (tiny_pretrain.get_config(), finetune.get_config("tiny")):
+        keys |= {f"{section}.{name}" for section, values in config.items() if isinstance(values, ConfigDict)
+                 for name in values}
+    assert set(RANGES) <= keys

@@ -97,11 +97,17 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
-def test_skip_mode_counts_non_finite_steps_and_finishes(tmp_path, token_cache_dir):
+def test_skip_mode_counts_non_finite_steps_and_fails_past_the_allowed_fraction(tmp_path, token_cache_dir, capsys):
     config = tiny_config(token_cache_dir, **{"optimizer.lr": 1e30, "optimizer.warmup_steps": 0,
-                                             "optimizer.schedule": "constant", "train.nonfinite": "skip"})
-    final = pretrain.pretrain(config, str(tmp_path))
+                                             "optimizer.schedule": "constant", "train.nonfinite": "skip",
+                                             "train.max_nonfinite_fraction": 1.0})
+    final = pretrain.pretrain(config, str(tmp_path / "allowed"))
     assert final["nonfinite_steps"] >= 1
+    assert f"Warning: {int(final['nonfinite_steps'])} of 6 updates had a non-finite loss" in capsys.readouterr().out
+    config.train.max_nonfinite_fraction = 0.1
+    with pytest.raises(train_lib.NonFiniteError, match=r"of 6 updates \(\d+%\) were skipped as non-finite, more than "
+                                                       r"train.max_nonfinite_fraction=0.1"):
+        pretrain.pretrain(config, str(tmp_path / "refused"))
 
 
 def _make_unwritable(path: pathlib.Path) -> bool:

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from configs import finetune as finetune_recipe
-from gpt1_jax import tasks
+from gpt1_jax import finetune, tasks
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import task_inputs
-from gpt1_jax.data.task_readers import Example
+from gpt1_jax.data.task_readers import DataError, Example
 
 S, D, C = 40478, 40479, 40480  # _start_, _delimiter_, _classify_ (fixed by the released code)
 
@@ -144,3 +144,18 @@ def test_story_cloze_holds_out_the_released_codes_374_stories(data_root, monkeyp
     released_train, released_dev = train_test_split(stories, test_size=374, random_state=3535999445)
     assert [ex.uid for ex in evals["validation"]] == released_dev
     assert [ex.uid for ex in train] == released_train and len(train) == 1497
+
+
+def test_data_on_error_skips_and_counts_bad_rows_of_a_registered_task(tmp_path, monkeypatch, caplog):
+    dev = tmp_path / "glue" / "RTE" / "dev.tsv"
+    dev.parent.mkdir(parents=True)
+    dev.write_text("index\tsentence1\tsentence2\tlabel\n0\tA man sleeps.\tA man rests.\tentailment\n"
+                   "1\ta row with\ttoo few columns\n2\tIt rains.\tIt is dry.\tnot_entailment\n")
+    monkeypatch.setenv("GPT1_JAX_DATA", str(tmp_path))
+    config = tiny_config()
+    config.task = "rte"
+    with pytest.raises(DataError, match=r"dev.tsv:3: expected 4 columns.*data.on_error=skip"):
+        task_inputs.read_split(finetune.task_spec(config), "validation", config)
+    config.data.on_error = "skip"
+    examples = task_inputs.read_split(finetune.task_spec(config), "validation", config)
+    assert [ex.label for ex in examples] == [0, 1] and "skipped 1 malformed rows" in caplog.text

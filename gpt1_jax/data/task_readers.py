@@ -20,6 +20,7 @@ import pathlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from gpt1_jax import tasks
+from gpt1_jax.errors import UserError
 from gpt1_jax.vocab_files import DATA_ENV
 
 ON_ERROR = ("raise", "skip")
@@ -28,7 +29,7 @@ _STORY_SENTENCES = tuple(f"InputSentence{i}" for i in range(1, 5))
 _STORY_ENDINGS = ("RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data that cannot be read as the task expects; the message says where and how to fix it."""
 
 
@@ -76,15 +77,15 @@ class _Policy:
 
     def bad_row(self, message: str) -> None:
         if not self.skip:
-            raise DataError(message + " (on_error='skip' skips and counts such rows: custom.on_error for your own "
-                            "task)")
+            raise DataError(message + " (data.on_error=skip, or custom.on_error for your own task, skips and "
+                            "counts such rows)")
         self.result.skipped += 1
         self.result.problems.append(message)
 
     def bad_bytes(self, message: str) -> None:
         if not self.skip:
             raise DataError(message + " (name the file's encoding, e.g. latin-1: custom.encoding for your own "
-                            "task; or pass on_error='skip' to replace such bytes)")
+                            "task; or data.on_error=skip / custom.on_error=skip to replace such bytes)")
         self.result.repaired += 1
         self.result.problems.append(message)
 

@@ -139,7 +139,7 @@ class FileCorpus:
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-        self.pattern = os.path.abspath(os.path.expanduser(pattern))  # one cache key however it is spelt
+        self.pattern = os.path.realpath(os.path.expanduser(pattern))  # one cache key however it is spelt
         self.process_index, self.process_count = _process_share(process_index, process_count)
         all_files = sorted(glob.glob(self.pattern, recursive=True))
         all_files = [f for f in all_files if os.path.isfile(f)]
