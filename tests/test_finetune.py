@@ -201,7 +201,7 @@ def test_pretraining_beats_scratch_on_story_cloze(pretrained, tmp_path, data_roo
     LM alone already picks the right ending of 55% of the 1,871 validation stories zero-shot, where
     SST-2 is at chance. Both runs use the paper's objective L3 = L2 + 0.5 L1 and the same seed, step size and
     3 epochs over the 1,497 training stories; the score is test accuracy at the epoch chosen on the
-    374 held-out stories, as results.json reports it. Measured: 56.4% against 51.3% (one standard
+    374 held-out stories, as results.json reports it. Measured: 57.6% against 51.6% (one standard
     error is ~1.15 points). docs/finetuning.md says what this does and does not show.
     """
     monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
