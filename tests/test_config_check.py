@@ -5,6 +5,8 @@ Tested elsewhere: refused `train.profile_steps` (test_train_lib.py), an unknown 
 """
 
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -100,3 +102,11 @@ def test_the_range_table_only_names_keys_the_recipes_have():
         keys |= {f"{section}.{name}" for section, values in config.items() if isinstance(values, ConfigDict)
                  for name in values}
     assert set(RANGES) <= keys
+
+
+def test_the_config_checker_imports_neither_the_model_nor_the_zero_shot_code():
+    """Dependencies point down: checking a config must not build the model's or generation's modules."""
+    code = "import sys, gpt1_jax.config_check; print(sorted(m for m in sys.modules if m.startswith('gpt1_jax')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "gpt1_jax.config_check" in loaded
+    assert not any(name in loaded for name in ("gpt1_jax.model'", "gpt1_jax.zeroshot'", "gpt1_jax.generate'"))
