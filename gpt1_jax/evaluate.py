@@ -18,14 +18,12 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import nnx
 
-from gpt1_jax import cli
+from gpt1_jax import cli, pretrain
 from gpt1_jax.data import lm_batches, lm_pipeline, text_sources, token_cache
-from gpt1_jax.losses import lm_loss_sum
 from gpt1_jax.model import GPT1
 from gpt1_jax.tokenizer import GPT1Tokenizer
 
@@ -46,9 +44,7 @@ def document_nll(model: GPT1, tokens: np.ndarray, batch_size: int) -> tuple[floa
 @functools.partial(jax.jit, static_argnums=(0,))
 def _window_nll(graphdef, state, tokens, weights):
     """Summed next-token NLL of windows [batch, n_ctx + 1], rows weighted by weights [batch] (0: padding)."""
-    model = nnx.merge(graphdef, state)
-    hidden = model(tokens[:, :-1])  # [batch, n_ctx, width]
-    total, _ = lm_loss_sum(model, hidden, tokens[:, 1:], jnp.broadcast_to(weights[:, None], tokens[:, 1:].shape))
+    total, _ = pretrain.window_nll(nnx.merge(graphdef, state), tokens, weights)
     return total
 
 

@@ -70,14 +70,18 @@ def compile_pretraining(config: ConfigDict, model_cfg: GPT1Config, optimizer, sc
                                  batch_ndims=2)
 
 
+def window_nll(model: GPT1, tokens, weights, chunk: int = 0):
+    """(sum NLL, number of tokens) of windows tokens [batch, n_ctx + 1], rows weighted by weights [batch]."""
+    hidden = model(tokens[:, :-1])  # [batch, n_ctx, width]
+    token_weights = jnp.broadcast_to(weights[:, None], tokens[:, 1:].shape)
+    return lm_loss_sum(model, hidden, tokens[:, 1:], token_weights, chunk=chunk)
+
+
 def make_lm_eval_step(graphdef, config: ConfigDict):
     """(params, tokens [batch, n_ctx + 1], weights [batch]) -> (sum NLL, number of tokens)."""
 
     def eval_step(params, tokens, weights):
-        model = nnx.merge(graphdef, params)
-        hidden = model(tokens[:, :-1])
-        token_weights = jnp.broadcast_to(weights[:, None], tokens[:, 1:].shape)
-        return lm_loss_sum(model, hidden, tokens[:, 1:], token_weights, chunk=config.train.loss_chunk)
+        return window_nll(nnx.merge(graphdef, params), tokens, weights, config.train.loss_chunk)
 
     return eval_step
 
