@@ -26,6 +26,8 @@ def base_config() -> ConfigDict:
     config.mode = "pretrain"
     config.seed = 0
     config.start_over = False
+    # Resume a workdir whose train.num_steps changed (the schedule is recomputed for the new length).
+    config.extend = False
     config.task = ""
     config.init = ""
     config.model = model_section()
@@ -35,7 +37,9 @@ def base_config() -> ConfigDict:
         # shared/data, or "tfds" under data.tfds_data_dir.
         task_source="local" if has_local_data() else "tfds",
         # A bad row of a task file: "raise" (an error naming file and line) or "skip" (skipped, counted, logged).
-        on_error="raise"))
+        on_error="raise",
+        # A text corpus whose bytes are not UTF-8 for more than 1% of its characters is refused unless True.
+        allow_replacement=False))
     # kind: "released" is the released code's Adam (opt.py), the one OpenAI wrote for the paper's
     # decoupled weight decay [37]; its pre-training code is not public, so pre-training uses it too, as
     # the closest evidence of what the paper ran. "adamw" is optax.adamw (gpt1_jax/optim.py says how
