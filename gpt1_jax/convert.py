@@ -1,12 +1,15 @@
 """GPT-1 weights in and out: the original OpenAI release, Hugging Face, and our Orbax checkpoints.
 
-Loading never executes code: numpy with `allow_pickle=False`, safetensors, and PyTorch files
-only with `weights_only=True`.
+This module maps tensor names and shapes between the formats and our parameter tree; `weight_files`
+reads the files (never running code, refusing damaged or unsafe ones). Both loaders also refuse
+weights holding NaN or inf, naming each such tensor, so fine-tuning's `init=hf:`/`init=openai:` and
+`gpt1-generate --hf` are covered as well as this command; `--allow_nonfinite` turns that into a warning.
 
 Command line (installed as `gpt1-convert`):
     python -m gpt1_jax.convert --openai DIR --orbax OUT [--n_head N]  # the original params_*.npy release
     python -m gpt1_jax.convert --hf DIR --orbax OUT                   # openai-community/openai-gpt layout
     python -m gpt1_jax.convert --orbax_in CKPT --hf_out OUT           # ours -> transformers
+    python -m gpt1_jax.convert --hf DIR --orbax OUT --allow_nonfinite # NaN/inf weights kept, with a warning
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from absl import flags
 from flax import nnx
 
 from gpt1_jax import cli
-from gpt1_jax.errors import UserError
 from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.weight_files import WeightFormatError, check_finite, read_hf_tensors, read_shard
 
 N_ORIGINAL_SHARDS = 10
 SHAPES_FILE = "params_shapes.json"
@@ -33,10 +36,6 @@ DEFAULT_N_HEAD = 12
 HF_PREFIX = "transformer."
 # transformers counts special tokens in vocab_size; this extra config.json key lets us split them off again.
 N_SPECIAL_KEY = "gpt1_jax_n_special"
-
-
-class WeightFormatError(UserError, ValueError):
-    """Weights on disk do not have the layout or shapes the model needs."""
 
 
 # ---------------------------------------------------------------- our parameter tree
@@ -117,6 +116,13 @@ def named_from_params(params: dict, cfg: GPT1Config) -> dict[str, np.ndarray]:
     return named
 
 
+def _finite(params: dict, cfg: GPT1Config, source: str | os.PathLike, allow: bool) -> dict:
+    """`params`, once `check_finite` found no NaN or inf in them (the tensors the model uses, by Hugging Face
+    name, so a bad tensor the model ignores, or padding, is not blamed)."""
+    check_finite(named_from_params(params, cfg), str(source), allow=allow)
+    return params
+
+
 def model_from_params(cfg: GPT1Config, params: dict) -> GPT1:
     """Build a GPT1 holding exactly `params` (a pure dict as `nnx.to_pure_dict` gives)."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT1(cfg, rngs=nnx.Rngs(0))))
@@ -149,7 +155,7 @@ def original_shapes(n_ctx: int, vocab: int, d: int, m: int, n_layer: int) -> lis
 
 
 def load_openai_original(directory: str | os.PathLike, *, n_head: int = DEFAULT_N_HEAD,
-                         config: GPT1Config | None = None) -> tuple[GPT1Config, dict]:
+                         config: GPT1Config | None = None, allow_nonfinite: bool = False) -> tuple[GPT1Config, dict]:
     """Read `params_shapes.json` + `params_0.npy`..`params_9.npy` (one flat float32 vector cut in 10).
 
     The released table is [positions (n_ctx) | tokens (40478)]; Conv1D kernels are stored as
@@ -157,7 +163,8 @@ def load_openai_original(directory: str | os.PathLike, *, n_head: int = DEFAULT_
     first so a wrong file fails naming the entry. The release does not record the head count (heads only
     split c_attn's columns when the model runs), so it is `n_head` (`--n-head`, default GPT-1's 12),
     checked to divide the width. A given `config` fixes every size, its head count included (`n_head` is
-    then unused), and the weights are checked against it.
+    then unused), and the weights are checked against it. NaN or inf weights are refused
+    (`weight_files.check_finite`) unless `allow_nonfinite`.
     """
     directory = pathlib.Path(directory)
     shapes_file = directory / SHAPES_FILE
@@ -173,7 +180,7 @@ def load_openai_original(directory: str | os.PathLike, *, n_head: int = DEFAULT_
             f"{shapes_file}: {len(arrays)} arrays but a {config.n_layer}-layer model has {len(names)}."
         )
     named = {name: (a[0] if a.ndim == 3 else a) for name, a in zip(names, arrays)}  # (1, in, out) -> (in, out)
-    return config, params_from_named(named, config, str(directory))
+    return config, _finite(params_from_named(named, config, str(directory)), config, directory, allow_nonfinite)
 
 
 def _read_original_shapes(shapes_file: pathlib.Path) -> list[tuple[int, ...]]:
@@ -214,7 +221,12 @@ def _read_original_shapes(shapes_file: pathlib.Path) -> list[tuple[int, ...]]:
 
 def _read_original_shards(directory: pathlib.Path, shapes: list[tuple[int, ...]]) -> np.ndarray:
     """The shards concatenated into the flat vector [total] of every array in params_shapes.json order."""
-    shards = [_read_shard(directory / f"params_{i}.npy") for i in range(N_ORIGINAL_SHARDS)]
+    files = [directory / f"params_{i}.npy" for i in range(N_ORIGINAL_SHARDS)]
+    for shard_file in files:
+        if not shard_file.is_file():
+            raise WeightFormatError(f"Missing shard {shard_file}: the release has {N_ORIGINAL_SHARDS} files "
+                                    f"params_0.npy..params_{N_ORIGINAL_SHARDS - 1}.npy.")
+    shards = [read_shard(shard_file) for shard_file in files]
     expected = sum(math.prod(s) for s in shapes)
     found = sum(shard.size for shard in shards)
     if found != expected:
@@ -223,23 +235,6 @@ def _read_original_shards(directory: pathlib.Path, shapes: list[tuple[int, ...]]
             f"shapes in {SHAPES_FILE}), found {found} (per shard: {[shard.size for shard in shards]}). The shards and "
             f"{SHAPES_FILE} must come from the same release.")
     return np.concatenate(shards)  # [total]
-
-
-def _read_shard(shard_file: pathlib.Path) -> np.ndarray:
-    """One params_i.npy: a 1-D float32 slice of the flat parameter vector, as the release saved it."""
-    if not shard_file.is_file():
-        raise WeightFormatError(
-            f"Missing shard {shard_file}: the release has {N_ORIGINAL_SHARDS} files params_0.npy..params_9.npy.")
-    try:
-        with shard_file.open("rb") as f:
-            shard = np.lib.format.read_array(f, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise WeightFormatError(f"{shard_file}: not a readable .npy array ({err}); re-download the release.") from err
-    if shard.ndim != 1 or shard.dtype != np.float32:
-        raise WeightFormatError(
-            f"{shard_file}: expected a 1-D float32 array (a slice of the flat parameter vector), found shape "
-            f"{shard.shape} and dtype {shard.dtype}. Use the release's shards unmodified.")
-    return shard
 
 
 def _original_config(shapes: list[tuple[int, ...]], n_head: int, shapes_file: pathlib.Path) -> GPT1Config:
@@ -255,24 +250,6 @@ def _original_config(shapes: list[tuple[int, ...]], n_head: int, shapes_file: pa
 
 
 # ---------------------------------------------------------------- Hugging Face format
-
-
-def _read_hf_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
-    safetensors_file = directory / "model.safetensors"
-    torch_file = directory / "pytorch_model.bin"
-    if safetensors_file.is_file():
-        from safetensors.numpy import load_file
-
-        return load_file(str(safetensors_file))
-    if torch_file.is_file():
-        try:
-            import torch
-        except ImportError as err:
-            raise WeightFormatError(
-                f"{torch_file} needs PyTorch to read; install torch or convert it to safetensors.") from err
-        state = torch.load(torch_file, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in state.items()}
-    raise WeightFormatError(f"{directory}: neither model.safetensors nor pytorch_model.bin found.")
 
 
 def config_from_hf(hf_config: dict, source: str) -> GPT1Config:
@@ -295,16 +272,19 @@ def config_from_hf(hf_config: dict, source: str) -> GPT1Config:
     )
 
 
-def load_hf(directory: str | os.PathLike) -> tuple[GPT1Config, dict]:
-    """Read a `save_pretrained` directory of OpenAIGPTModel / OpenAIGPTLMHeadModel."""
+def load_hf(directory: str | os.PathLike, *, allow_nonfinite: bool = False) -> tuple[GPT1Config, dict]:
+    """Read a `save_pretrained` directory of OpenAIGPTModel / OpenAIGPTLMHeadModel.
+
+    NaN or inf weights are refused (`weight_files.check_finite`) unless `allow_nonfinite`.
+    """
     directory = pathlib.Path(directory)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise WeightFormatError(f"{config_file} not found: a Hugging Face model directory has config.json.")
     config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
-    tensors = _read_hf_tensors(directory)
+    tensors = read_hf_tensors(directory)
     named = {k.removeprefix(HF_PREFIX): v for k, v in tensors.items() if k != "lm_head.weight"}
-    return config, params_from_named(named, config, str(directory))
+    return config, _finite(params_from_named(named, config, str(directory)), config, directory, allow_nonfinite)
 
 
 def save_hf(model: GPT1, directory: str | os.PathLike) -> None:
@@ -345,7 +325,7 @@ def save_hf(model: GPT1, directory: str | os.PathLike) -> None:
 # ---------------------------------------------------------------- command line
 
 
-SYNOPSIS = "(--openai DIR [--n_head N] | --hf DIR | --orbax_in CKPT) [--orbax OUT] [--hf_out OUT]"
+SYNOPSIS = "(--openai DIR [--n_head N] | --hf DIR | --orbax_in CKPT) [--orbax OUT] [--hf_out OUT] [--allow_nonfinite]"
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
@@ -360,6 +340,8 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
                          f"(default {DEFAULT_N_HEAD}, GPT-1's).", **define)
     flags.DEFINE_string("orbax", None, "Write an Orbax checkpoint here (fine-tuning's --config.init).", **define)
     flags.DEFINE_string("hf_out", None, "Write a Hugging Face model folder here.", **define)
+    flags.DEFINE_boolean("allow_nonfinite", False, "Convert weights holding NaN or inf, with a warning, instead of "
+                         "refusing them.", **define)
     flags.register_multi_flags_validator(["orbax", "hf_out"], lambda f: bool(f["orbax"] or f["hf_out"]),
                                          message="give --orbax and/or --hf_out", **define)
     flags.register_multi_flags_validator(
@@ -376,14 +358,16 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.openai:
         n_head = DEFAULT_N_HEAD if args.n_head is None else args.n_head
-        config, params = load_openai_original(args.openai, n_head=n_head)
+        config, params = load_openai_original(args.openai, n_head=n_head, allow_nonfinite=args.allow_nonfinite)
     elif args.hf:
-        config, params = load_hf(args.hf)
+        config, params = load_hf(args.hf, allow_nonfinite=args.allow_nonfinite)
     else:
         config, params, _ = checkpoint.load_pretrained(args.orbax_in)
+        check_finite(named_from_params(params, config), args.orbax_in, allow=args.allow_nonfinite)
+    source = args.openai or args.hf or args.orbax_in
     model = model_from_params(config, params)
     if args.orbax:
-        checkpoint.save_pretrained(args.orbax, model, metadata={"source": args.openai or args.hf or args.orbax_in})
+        checkpoint.save_pretrained(args.orbax, model, metadata={"source": source})
         print(f"Wrote Orbax checkpoint to {args.orbax}")
     if args.hf_out:
         save_hf(model, args.hf_out)

@@ -1,6 +1,8 @@
 """Weight conversion: parity with transformers' OpenAIGPT on the same weights, both file formats."""
 
 import json
+import logging
+import re
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import torch
 from flax import nnx
 from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
-from gpt1_jax import checkpoint
+from gpt1_jax import checkpoint, convert
 from gpt1_jax.convert import (
     DEFAULT_N_HEAD,
     WeightFormatError,
@@ -213,18 +215,6 @@ def test_a_shapes_file_off_the_release_layout_names_the_entry_and_both_shapes(tm
         load_openai_original(tmp_path, n_head=4)
 
 
-@pytest.mark.parametrize("change, found", [
-    pytest.param(lambda a: a.astype(np.float64), r"shape \(\d+,\) and dtype float64", id="dtype"),
-    pytest.param(lambda a: a.reshape(1, -1), r"shape \(1, \d+\) and dtype float32", id="rank"),
-])
-def test_a_shard_that_is_not_1d_float32_names_the_file_its_shape_and_dtype(tmp_path, change, found):
-    write_original_release(tmp_path, SMALL_HF)
-    shard_file = tmp_path / "params_3.npy"
-    np.save(shard_file, change(np.load(shard_file)))
-    with pytest.raises(WeightFormatError, match=rf"params_3\.npy: expected a 1-D float32 array.*found {found}"):
-        load_openai_original(tmp_path, n_head=4)
-
-
 def test_shards_of_the_wrong_total_size_name_the_files_and_both_sizes(tmp_path):
     total = sum(a.size for a in write_original_release(tmp_path, SMALL_HF))
     shard_file = tmp_path / "params_9.npy"
@@ -261,3 +251,60 @@ def test_a_relative_checkpoint_path_loads(tmp_path, monkeypatch):
     assert config == model.config
     for a, b in zip(jax.tree.leaves(params_of(model)), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
+
+
+def save_hf_with_nonfinite(folder) -> None:
+    """A transformers folder whose h.1.mlp.c_fc.weight holds 2 NaN and 1 inf."""
+    random_hf_model(SMALL_HF).save_pretrained(folder)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    bad = tensors["transformer.h.1.mlp.c_fc.weight"]
+    bad[0, :2], bad[3, 5] = np.nan, -np.inf
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+NONFINITE_C_FC = r"non-finite weights in 'h\.1\.mlp\.c_fc\.weight' \(2 NaN, 1 inf of 16384\)"
+
+
+def test_load_hf_refuses_non_finite_weights_naming_the_tensor(tmp_path):
+    """The check is in the loader, so fine-tuning's init=hf: and gpt1-generate --hf refuse them too."""
+    save_hf_with_nonfinite(tmp_path)
+    with pytest.raises(WeightFormatError, match=rf"{re.escape(str(tmp_path))}: {NONFINITE_C_FC}"):
+        load_hf(tmp_path)
+    assert np.isnan(load_hf(tmp_path, allow_nonfinite=True)[1]["blocks"]["mlp"]["fc"]["kernel"][1, 0, 0])
+
+
+def test_load_openai_original_refuses_non_finite_weights_naming_the_tensor(tmp_path):
+    write_original_release(tmp_path, SMALL_HF)
+    shard_file = tmp_path / "params_0.npy"  # starts with positions_embed.weight
+    shard = np.load(shard_file)
+    shard[1] = np.inf
+    np.save(shard_file, shard)
+    with pytest.raises(WeightFormatError, match=r"non-finite weights in 'positions_embed\.weight' "
+                                                r"\(0 NaN, 1 inf of 4096\)"):
+        load_openai_original(tmp_path, n_head=4)
+
+
+def test_cli_refuses_non_finite_weights_unless_allowed(tmp_path, capsys, caplog):
+    save_hf_with_nonfinite(tmp_path / "hf")
+    command = ["--hf", str(tmp_path / "hf"), "--orbax", str(tmp_path / "ckpt")]
+    with pytest.raises(SystemExit) as exit_:
+        convert.main(command)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and re.search(rf"error: .*hf: {NONFINITE_C_FC}.*--allow_nonfinite", error)
+    assert not (tmp_path / "ckpt").exists()
+    with caplog.at_level(logging.WARNING, logger="gpt1_jax.weight_files"):
+        convert.main([*command, "--allow-nonfinite"])
+    assert re.search(rf"{NONFINITE_C_FC}; loaded anyway", caplog.text)
+    assert np.isnan(checkpoint.load_pretrained(tmp_path / "ckpt")[1]["blocks"]["mlp"]["fc"]["kernel"][1, 0, 0])
+
+
+def test_cli_refuses_a_non_finite_orbax_checkpoint(tmp_path, capsys):
+    model = GPT1(GPT1Config(vocab_size=500, n_ctx=64, width=64, n_head=4, n_layer=2, mlp_width=256), rngs=nnx.Rngs(0))
+    model.positions_embed.value = model.positions_embed.value.at[0, 0].set(np.nan)
+    checkpoint.save_pretrained(tmp_path / "ckpt", model)
+    with pytest.raises(SystemExit):
+        convert.main(["--orbax_in", str(tmp_path / "ckpt"), "--hf_out", str(tmp_path / "hf")])
+    assert re.search(r"ckpt: non-finite weights in 'positions_embed\.weight' \(1 NaN", capsys.readouterr().err)
+    assert not (tmp_path / "hf").exists()
