@@ -6,6 +6,11 @@ from the model's fixed-size cache [layers, batch, n_ctx, heads, head_dim] (`GPT1
 step costs O(n_ctx) instead of recomputing the whole prefix. The forward is `GPT1.__call__` itself,
 given the cache, so decoding computes the same function as training and scoring in evaluation mode.
 
+Each token is predicted from the last n_ctx tokens at most. Once the sequence outgrows the context, the
+window slides one token per step and is re-encoded whole: GPT-1 learns an embedding per absolute
+position 0..n_ctx-1 (Sec. 3.1), so after a slide every token sits at a new position and no cached key or
+value holds any more. Those steps cost a full forward of n_ctx tokens each, as without a cache.
+
 `score_continuations` gives the log-probability of candidate continuations of a context, the
 quantity the zero-shot probes of Sec. 5 compare (`gpt1_jax.zeroshot`).
 
@@ -18,6 +23,7 @@ Command line (installed as `gpt1-generate`):
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Sequence
 
@@ -33,6 +39,8 @@ from gpt1_jax.model import GPT1
 # Rows per forward pass when scoring; a fixed batch keeps the number of compilations small.
 SCORE_BATCH = 16
 MIN_SCORE_LENGTH = 16
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- sampling
@@ -91,21 +99,31 @@ def _decode_step(graphdef, state, cache, token, position, key, **sampling):
     return _next_token(nnx.merge(graphdef, state), token[:, None], cache, position, key, sampling)
 
 
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("greedy", "temperature", "top_k", "top_p"),
+                   donate_argnums=(2,))
+def _window_step(graphdef, state, window, key, **sampling):
+    """Past the context, without a cache: window [batch, n_ctx] at positions 0..n_ctx-1 -> (next token
+    [batch], the window slid by one to end with that token [batch, n_ctx])."""
+    model = nnx.merge(graphdef, state)
+    token = sample_logits(model.logits(model(window)[:, -1]), key, **sampling)
+    return token, jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
+
+
 def generate(model: GPT1, prompt_ids, *, max_new_tokens: int, key: jax.Array | None = None, greedy: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
-    """Continue prompts with up to `max_new_tokens` tokens, stopping early when n_ctx tokens are reached.
+    """Continue prompts with `max_new_tokens` tokens, each predicted from the last n_ctx tokens at most.
 
-    prompt_ids: [seq] or [batch, seq] ints (prompts of one length). Returns the new tokens only,
-    [new] or [batch, new]. `key` is required unless decoding greedily (or with temperature 0).
+    prompt_ids: [seq] or [batch, seq] ints (prompts of one length); a prompt longer than n_ctx keeps its
+    last n_ctx tokens, with a warning. Returns the new tokens only, [new] or [batch, new]. `key` is
+    required unless decoding greedily (or with temperature 0). Tokens that fit in the context come from
+    the cache; later ones slide the window (see the module docstring).
     """
     cfg = model.config
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
     prompt = np.asarray(prompt_ids, np.int32)
     single = prompt.ndim == 1
-    prompt = prompt[None] if single else prompt  # [batch, seq]
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt_ids must be a non-empty [seq] or [batch, seq] array, got shape {prompt.shape}.")
-    if prompt.shape[1] > cfg.n_ctx:
-        raise ValueError(f"The prompt has {prompt.shape[1]} tokens but model.n_ctx is {cfg.n_ctx}; shorten it.")
+    prompt = _fit_prompt(prompt[None] if single else prompt, cfg.n_ctx)  # [batch, seq <= n_ctx]
     _check_sampling(temperature, top_k, top_p, cfg.n_vocab)
     sampling = dict(greedy=greedy or temperature == 0.0, temperature=float(temperature), top_k=top_k,
                     top_p=None if top_p is None or top_p >= 1.0 else float(top_p))
@@ -113,19 +131,35 @@ def generate(model: GPT1, prompt_ids, *, max_new_tokens: int, key: jax.Array | N
         if not sampling["greedy"]:
             raise ValueError("Sampling needs a PRNG key (key=jax.random.key(seed)); or pass greedy=True.")
         key = jax.random.key(0)
-    n_new = min(max_new_tokens, cfg.n_ctx - prompt.shape[1])  # prompt and new tokens fit in n_ctx
-    if n_new <= 0:
+    if max_new_tokens == 0:
         out = np.zeros((prompt.shape[0], 0), np.int32)
         return out[0] if single else out
     graphdef, state = nnx.split(model)
-    keys = jax.random.split(key, n_new)
+    keys = jax.random.split(key, max_new_tokens)
+    # The prefill predicts position seq; decode steps feed positions seq..n_ctx-1, one new token each.
+    n_cached = min(max_new_tokens, cfg.n_ctx - prompt.shape[1] + 1)
     token, cache = _prefill(graphdef, state, jnp.asarray(prompt), keys[0], **sampling)
     tokens = [token]
-    for i in range(1, n_new):  # the token sampled last sits at position prompt_len + i - 1
+    for i in range(1, n_cached):  # the token sampled last sits at position prompt_len + i - 1
         token, cache = _decode_step(graphdef, state, cache, token, prompt.shape[1] + i - 1, keys[i], **sampling)
         tokens.append(token)
+    if n_cached < max_new_tokens:
+        window = jnp.concatenate([prompt, jnp.stack(tokens, axis=1)], axis=1)[:, -cfg.n_ctx:]  # [batch, n_ctx]
+        for i in range(n_cached, max_new_tokens):
+            token, window = _window_step(graphdef, state, window, keys[i], **sampling)
+            tokens.append(token)
     out = np.asarray(jnp.stack(tokens, axis=1))  # [batch, new]
     return out[0] if single else out
+
+
+def _fit_prompt(prompt: np.ndarray, n_ctx: int) -> np.ndarray:
+    """prompt [batch, seq] -> its last n_ctx tokens [batch, min(seq, n_ctx)], warning when that cuts it."""
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be a non-empty [seq] or [batch, seq] array, got shape {prompt.shape}.")
+    if prompt.shape[1] > n_ctx:
+        log.warning("The prompt has %d tokens but model.n_ctx is %d: generating from its last %d tokens.",
+                    prompt.shape[1], n_ctx, n_ctx)
+    return prompt[:, -n_ctx:]
 
 
 # ---------------------------------------------------------------- log-likelihood scoring
@@ -210,8 +244,7 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
     cli.define_model_flags(flag_values)
     define = dict(flag_values=flag_values)
     flags.DEFINE_string("prompt", None, "The text to continue.", required=True, **define)
-    flags.DEFINE_integer("max_new_tokens", 50, "How many tokens to sample (fewer if the context fills up).",
-                         lower_bound=1, **define)
+    flags.DEFINE_integer("max_new_tokens", 50, "How many tokens to sample.", lower_bound=1, **define)
     flags.DEFINE_float("temperature", 1.0, "Divides the logits before sampling (0: greedy).", lower_bound=0.0,
                        **define)
     flags.register_validator("temperature", math.isfinite, "--temperature must be a finite number", **define)
@@ -236,7 +269,6 @@ def main(argv: list[str] | None = None) -> None:
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         command.fail("the prompt encodes to no tokens; give some text")
-    prompt_ids = prompt_ids[-model.config.n_ctx:]
     try:
         new_ids = generate(model, prompt_ids, max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),
                            greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

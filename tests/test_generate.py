@@ -1,4 +1,7 @@
-"""KV-cache generation: parity with full recomputation and with transformers, sampling, and the CLI."""
+"""KV-cache generation: parity with full recomputation and with transformers, sampling, the window sliding
+past n_ctx, and the CLI."""
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +12,8 @@ from flax import nnx
 from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
 from gpt1_jax import checkpoint
-from gpt1_jax.convert import load_hf, model_from_params
-from gpt1_jax.generate import generate, main
+from gpt1_jax.convert import load_hf, model_from_params, params_of
+from gpt1_jax.generate import generate, main, sample_logits
 from gpt1_jax.model import GPT1, GPT1Config
 
 PROMPTS = np.array([[3, 14, 15, 92, 65], [35, 89, 79, 32, 38]])  # [batch, seq]
@@ -38,17 +41,39 @@ def hf_pair(tmp_path_factory):
     return hf, model_from_params(*load_hf(folder))
 
 
-def recompute_greedy(model, prompts, n_new):
-    """Reference decoding without a cache: the whole sequence through model(...) at every step.
+def wide_random_model(n_ctx: int, seed: int = 0) -> GPT1:
+    """Our tiny model with weights from N(0, 0.3) and LayerNorm gains from N(1, 0.5), wide enough (like
+    `hf_pair`'s) that greedy decoding keeps varying past the context instead of repeating one token."""
+    cfg = GPT1Config(vocab_size=100, n_ctx=n_ctx, width=32, n_head=4, n_layer=2, mlp_width=128)
+    rng = np.random.default_rng(seed)
 
-    The sequence lives in a fixed-length buffer (causal attention never reads the unfilled right
-    part), so the reference compiles once.
+    def draw(path, a):
+        mean, std = (1.0, 0.5) if jax.tree_util.keystr(path).endswith("['scale']") else (0.0, 0.3)  # LayerNorm gains
+        return (mean + std * rng.standard_normal(a.shape)).astype(np.float32)
+
+    return model_from_params(cfg, jax.tree_util.tree_map_with_path(draw, params_of(GPT1(cfg, rngs=nnx.Rngs(seed)))))
+
+
+def greedy_pick(logits, step):
+    return jnp.argmax(logits, axis=-1)
+
+
+def recompute(model, prompts, n_new, pick=greedy_pick):
+    """Reference decoding without a cache: each token from model(...) over the last n_ctx tokens at most.
+
+    pick(logits [batch, vocab], step) -> tokens [batch]. The window sits left-aligned in a fixed
+    [batch, n_ctx] buffer (causal attention never reads the unfilled right part), so the reference
+    compiles once.
     """
+    n_ctx = model.config.n_ctx
     full_logits = nnx.jit(lambda m, tokens: m.logits(m(tokens)))
-    seq = np.zeros((prompts.shape[0], prompts.shape[1] + n_new), np.int32)  # [batch, prompt + new]
-    seq[:, :prompts.shape[1]] = prompts
-    for t in range(prompts.shape[1], seq.shape[1]):
-        seq[:, t] = np.argmax(np.asarray(full_logits(model, jnp.asarray(seq)))[:, t - 1], axis=-1)
+    seq = np.asarray(prompts, np.int32)  # [batch, prompt + new so far]
+    for step in range(n_new):
+        window = seq[:, -n_ctx:]
+        buffer = np.zeros((seq.shape[0], n_ctx), np.int32)  # [batch, n_ctx]
+        buffer[:, :window.shape[1]] = window
+        logits = full_logits(model, jnp.asarray(buffer))[:, window.shape[1] - 1]  # [batch, vocab]
+        seq = np.concatenate([seq, np.asarray(pick(logits, step), np.int32)[:, None]], axis=1)
     return seq[:, prompts.shape[1]:]
 
 
@@ -56,7 +81,7 @@ def test_cached_greedy_equals_recomputation(hf_pair):
     _, model = hf_pair
     cached = generate(model, PROMPTS, max_new_tokens=N_NEW, greedy=True)
     assert len(set(cached.ravel().tolist())) > 2  # a non-degenerate sequence
-    np.testing.assert_array_equal(cached, recompute_greedy(model, PROMPTS, N_NEW))
+    np.testing.assert_array_equal(cached, recompute(model, PROMPTS, N_NEW))
 
 
 def test_greedy_matches_transformers(hf_pair):
@@ -78,10 +103,33 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(hf_pair):
                                   generate(model, PROMPTS, max_new_tokens=N_NEW, greedy=True))
 
 
-def test_generation_stops_at_n_ctx(hf_pair):
-    _, model = hf_pair
-    prompt = np.arange(model.config.n_ctx - 3)
-    assert generate(model, prompt, max_new_tokens=N_NEW, greedy=True).shape == (3,)
+def sampling_pick(key, n_new, **sampling):
+    """The draws `generate` makes with `key`: step i samples with the i-th of n_new split keys."""
+    keys = jax.random.split(key, n_new)
+    return lambda logits, step: sample_logits(logits, keys[step], **sampling)
+
+
+@pytest.mark.parametrize("sampling", [
+    pytest.param(dict(greedy=True), id="greedy"),
+    pytest.param(dict(temperature=1.5, top_p=0.9), id="top_p"),
+])
+def test_generation_past_n_ctx_slides_the_window_and_equals_recomputing_the_last_window(sampling):
+    model = wide_random_model(n_ctx=16)
+    prompts = np.random.default_rng(1).integers(0, 100, (2, 10))  # [batch, seq]
+    key = jax.random.key(3)
+    pick = greedy_pick if sampling.get("greedy") else sampling_pick(key, 40, temperature=1.5, top_p=0.9)
+    new = generate(model, prompts, max_new_tokens=40, key=key, **sampling)
+    assert new.shape == (2, 40) and all(len(set(row[20:].tolist())) > 2 for row in new)  # not stuck on one
+    np.testing.assert_array_equal(new, recompute(model, prompts, 40, pick))
+
+
+def test_a_prompt_longer_than_n_ctx_keeps_its_last_tokens_with_a_warning(caplog):
+    model = wide_random_model(n_ctx=16)
+    prompt = np.arange(20) % 100
+    with caplog.at_level(logging.WARNING, logger="gpt1_jax.generate"):
+        new = generate(model, prompt, max_new_tokens=5, greedy=True)
+    assert "The prompt has 20 tokens but model.n_ctx is 16: generating from its last 16 tokens" in caplog.text
+    np.testing.assert_array_equal(new, generate(model, prompt[-16:], max_new_tokens=5, greedy=True))
 
 
 def test_cli_generates_from_orbax_checkpoint(tmp_path, capsys, data_root):
