@@ -14,6 +14,8 @@ Only when none of these holds both files, and the caller allows it, are they dow
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import tempfile
 import urllib.request
@@ -41,6 +43,10 @@ START_ID, DELIMITER_ID, CLASSIFY_ID = VOCAB_SIZE, VOCAB_SIZE + 1, VOCAB_SIZE + 2
 
 class VocabFilesNotFoundError(UserError, FileNotFoundError):
     """Raised when the vocabulary is neither on disk nor downloadable; the message says how to fix it."""
+
+
+class VocabDownloadError(VocabFilesNotFoundError):
+    """A download that failed, was cut short, or fetched something other than the vocabulary file."""
 
 
 def cache_dir() -> Path:
@@ -80,25 +86,66 @@ def _missing_message(searched: list[Path], reason: str) -> str:
 def download(dest: str | os.PathLike | None = None, *, timeout: float = 30.0) -> Path:
     """Fetches both files into ``dest`` (default: the cache) and returns that folder.
 
-    Each file is written to a temporary name in the destination folder and renamed into place, so a
-    crash or a concurrent download never leaves a truncated file that later looks valid.
+    Each file is checked (`_vocab_file_problem`) and only then renamed into place from a temporary name
+    in the destination folder, so a cut-off transfer, a page served in its stead (a captive portal, an
+    error page sent with status 200), a crash or a concurrent download never leaves a file that a later
+    lookup would take for the vocabulary. Raises `VocabDownloadError` naming the URL and the target file.
     """
     folder = Path(dest) if dest is not None else cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     for name in VOCAB_FILES:
-        if (folder / name).is_file():
+        target, url = folder / name, SOURCE_URL + name
+        if target.is_file():
             continue
-        with urllib.request.urlopen(SOURCE_URL + name, timeout=timeout) as response:
-            payload = response.read()
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                payload = response.read()
+        except (OSError, http.client.HTTPException) as err:  # URLError, timeouts; IncompleteRead, bad status lines
+            raise VocabDownloadError(f"{url}: {str(err) or type(err).__name__} (nothing written to {target})") \
+                from err
+        problem = _vocab_file_problem(name, payload)
+        if problem:
+            raise VocabDownloadError(f"{url} served {problem}, not the GPT-1 vocabulary file (nothing written to "
+                                     f"{target})")
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)
-            os.replace(tmp, folder / name)
+            os.replace(tmp, target)
         except BaseException:
             os.unlink(tmp)
             raise
     return folder
+
+
+def _vocab_file_problem(name: str, payload: bytes) -> str | None:
+    """What downloaded bytes for `name` are, when they are not in the vocabulary's format; else None.
+
+    The encoder is a JSON object of BPE token -> id; the merges file opens with a "#version" line and
+    then holds one "a b" pair per line, as the tokenizer reads them.
+    """
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes that are not UTF-8 text"
+    if text.lstrip().startswith("<"):
+        return f"an HTML page ({text.lstrip()[:40]!r}...)"
+    if name == ENCODER_FILE:
+        try:
+            encoder = json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"{len(payload)} bytes that are not JSON ({err}; cut short?)"
+        if not (isinstance(encoder, dict) and encoder
+                and all(isinstance(k, str) and type(v) is int for k, v in encoder.items())):
+            return "JSON that is not an object of token -> integer id"
+        return None
+    header, *merges = text.split("\n")
+    if not header.startswith("#version"):
+        return f"text whose first line is {header[:40]!r}, not the '#version' header"
+    malformed = [line for line in merges if line and len(line.split()) != 2]
+    if malformed:
+        return f"lines that are not merges 'a b': {malformed[:3]}"
+    return None if any(merges) else "no merges after the '#version' header"
 
 
 def find_vocab_dir(vocab_dir: str | os.PathLike | None = None, *, allow_download: bool = True) -> Path:
@@ -117,5 +164,5 @@ def find_vocab_dir(vocab_dir: str | os.PathLike | None = None, *, allow_download
         raise VocabFilesNotFoundError(_missing_message(searched, "download disabled"))
     try:
         return download()
-    except OSError as err:  # urllib's URLError and socket timeouts are OSErrors.
+    except OSError as err:  # a VocabDownloadError, or the cache folder not writable
         raise VocabFilesNotFoundError(_missing_message(searched, f"download failed: {err}")) from err

@@ -1,10 +1,14 @@
 """gpt1_jax/vocab_files.py: where the vocabulary is looked for, the fix-it error, and the fetch into the cache.
 
-No test here reaches the network: downloads go to an HTTP server on 127.0.0.1 standing in for GitHub.
+No test here reaches the network: downloads go to an HTTP server on 127.0.0.1 standing in for GitHub,
+or to a stand-in for `urllib.request.urlopen`.
 """
 
 import functools
+import http.client
 import http.server
+import io
+import re
 import threading
 
 import pytest
@@ -117,6 +121,64 @@ def test_an_interrupted_download_fetches_only_the_file_still_missing(tmp_path, l
 def test_a_failed_download_says_why_and_leaves_the_cache_empty(tmp_path, local_server):
     (tmp_path / "nothing_served").mkdir()
     local_server(tmp_path / "nothing_served")  # every request answers 404
-    with pytest.raises(vocab_files.VocabFilesNotFoundError, match=r"download failed: HTTP Error 404.*\n.*Needed:"):
+    with pytest.raises(vocab_files.VocabFilesNotFoundError,
+                       match=r"download failed: http://127\.0\.0\.1:\d+/encoder_bpe_40000\.json: HTTP Error 404"
+                             r".*\n.*Needed:"):
         vocab_files.find_vocab_dir()
     assert list(vocab_files.cache_dir().iterdir()) == []
+
+
+class FakeResponse(io.BytesIO):
+    """What `urlopen` returns for one URL: `read()` gives the body, or raises `error` as a cut-off transfer does."""
+
+    def __init__(self, body: bytes, error: Exception | None = None):
+        super().__init__(body)
+        self.error = error
+
+    def read(self, *args):
+        if self.error is not None:
+            raise self.error
+        return super().read(*args)
+
+
+def serve_bodies(monkeypatch, real_vocab, replaced=None):
+    """urlopen answering each vocabulary URL with the real file, or with `replaced` (name, FakeResponse)."""
+    def urlopen(url, timeout):
+        name = url.rsplit("/", 1)[-1]
+        if replaced and name == replaced[0]:
+            return replaced[1]
+        return FakeResponse((real_vocab / name).read_bytes())
+
+    monkeypatch.setattr(vocab_files.urllib.request, "urlopen", urlopen)
+
+
+HTML = b"<!DOCTYPE html><html><body>Sign in to the hotel Wi-Fi</body></html>"
+ENCODER, MERGES = vocab_files.ENCODER_FILE, vocab_files.MERGES_FILE
+
+
+@pytest.mark.parametrize("name, response, found", [
+    pytest.param(ENCODER, FakeResponse(b"", http.client.IncompleteRead(b'{"a": 1', 900)),
+                 r"IncompleteRead\(7 bytes read, 900 more expected\)", id="cut-short"),
+    pytest.param(ENCODER, FakeResponse(HTML), r"served an HTML page \('<!DOCTYPE html>", id="html-encoder"),
+    pytest.param(MERGES, FakeResponse(HTML), r"served an HTML page", id="html-merges"),
+    pytest.param(ENCODER, FakeResponse(b'{"a": 1, "b": 2'), r"served 15 bytes that are not JSON",
+                 id="truncated-json"),
+    pytest.param(ENCODER, FakeResponse(b'{"a": "1"}'), r"served JSON that is not an object of token -> integer id",
+                 id="json-not-an-encoder"),
+    pytest.param(MERGES, FakeResponse(b"t h\ni n\n"), r"served text whose first line is 't h', not the '#version'",
+                 id="no-header"),
+    pytest.param(MERGES, FakeResponse(b"#version: 0.2\nt h\nnot a merge\n"),
+                 r"served lines that are not merges 'a b': \['not a merge'\]", id="bad-merge"),
+])
+def test_a_cut_short_or_wrong_download_names_the_url_and_the_cache_file_and_caches_nothing(
+        monkeypatch, real_vocab, name, response, found):
+    serve_bodies(monkeypatch, real_vocab, (name, response))
+    with pytest.raises(vocab_files.VocabFilesNotFoundError) as error:
+        vocab_files.find_vocab_dir()
+    message = str(error.value)
+    assert re.search(rf"download failed: {re.escape(vocab_files.SOURCE_URL + name)}:? {found}", message), message
+    assert f"nothing written to {vocab_files.cache_dir() / name})" in message
+    assert not (vocab_files.cache_dir() / name).exists()
+    assert not [p for p in vocab_files.cache_dir().iterdir() if p.name.endswith(".part")]
+    serve_bodies(monkeypatch, real_vocab)  # the network recovers: the next lookup fetches the real files
+    assert (vocab_files.find_vocab_dir() / name).read_bytes() == (real_vocab / name).read_bytes()
