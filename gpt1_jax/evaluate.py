@@ -92,6 +92,8 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("data", None, "The text: files:GLOB, local:GLOB (under $GPT1_JAX_DATA) or "
                         "tfds:NAME[:SPLIT][?feature=F], as data.source.", required=True, **define)
     flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.", lower_bound=1, **define)
+    flags.DEFINE_boolean("allow_replacement", False, "Evaluate documents that are mostly not UTF-8, with U+FFFD in "
+                         "place of their bad bytes (as data.allow_replacement).", **define)
 
 
 @cli.reports_user_errors
@@ -105,12 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.checkpoint, args.hf)
     tokenizer = GPT1Tokenizer.from_files(args.vocab_dir)
     try:
-        source = text_sources.make_source(args.data, process_index=0, process_count=1)
+        source = text_sources.make_source(args.data, process_index=0, process_count=1,
+                                          allow_replacement=args.allow_replacement)
     except ValueError as err:
         command.fail(str(err).replace("data.source", "--data"))
     metadata = checkpoint.read_metadata(args.checkpoint) if args.checkpoint else {}
     train = training_tokens(metadata, tokenizer)
-    rows = evaluate(model, tokenizer, source, args.batch_size, train)
+    try:
+        rows = evaluate(model, tokenizer, source, args.batch_size, train)
+    except text_sources.CorpusError as err:
+        raise text_sources.CorpusError(str(err).replace("data.allow_replacement=True", "--allow_replacement")) from None
     width = max(len(name) for name, *_ in rows)
     print(f"{'document':<{width}}  {'tokens':>10}  {'perplexity':>10}  {'unigram':>10}")
     for name, count, perplexity, unigram in rows:

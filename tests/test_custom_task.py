@@ -258,6 +258,17 @@ def test_regression_with_a_non_numeric_label_names_file_and_line(tmp_path):
         load(config)
 
 
+def test_a_null_jsonl_label_names_file_line_and_field_and_never_becomes_a_class(tmp_path):
+    records = [{"q": "who is it ?", "y": "HUM"}, {"q": "where is it ?", "y": None}, {"q": "how many ?", "y": "NUM"}]
+    train_file = write_jsonl(tmp_path / "train.jsonl", records)
+    settings = dict(kind="classification", train=str(train_file), validation=str(train_file), text_a="q", label="y")
+    with pytest.raises(DataError, match=r"train.jsonl:2: field 'y' is null.*custom.on_error"):
+        load(custom_config(tmp_path, **settings))
+    config = custom_config(tmp_path, on_error="skip", **settings)
+    train_examples, _ = load(config)
+    assert config.custom.labels == "HUM,NUM" and len(train_examples) == 2
+
+
 def test_undecodable_bytes_name_the_line_and_suggest_custom_encoding(tmp_path, question_files):
     latin = write_tsv(tmp_path / "latin.tsv", ["question", "label"], question_rows(12, 0), "latin-1")
     config = custom_config(tmp_path, kind="classification", train=str(latin), validation=str(question_files[1]),

@@ -200,6 +200,42 @@ def test_user_data_with_float_labels_and_no_header(tmp_path):
     assert np.isclose(sum(e.label for e in result.examples), 4.5)
 
 
+def _jsonl(tmp_path, records) -> pathlib.Path:
+    return _write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+@pytest.mark.parametrize("value, shown", [(None, "null"), ({"x": 1}, r'an object \{"x": 1\}'),
+                                          (["a", "b"], r'a list \["a", "b"\]'), (7, "a number 7")])
+def test_a_text_field_that_is_not_a_string_is_a_bad_row_naming_file_line_and_field(tmp_path, value, shown):
+    path = _jsonl(tmp_path, [{"premise": "a", "hypothesis": "b", "label": "neutral"},
+                             {"premise": "c", "hypothesis": value, "label": "neutral"}])
+    read = dict(text_a="premise", text_b="hypothesis", label="label", label_names=("neutral",))
+    with pytest.raises(DataError, match=rf"d\.jsonl:2: field 'hypothesis' is {shown}, not a string"):
+        read_columns(path, **read)
+    result = read_columns(path, on_error="skip", **read)
+    assert [e.text_b for e in result.examples] == ["b"] and result.skipped == 1
+
+
+def test_labels_and_ids_may_be_numbers_but_not_null_objects_or_lists(tmp_path):
+    path = _jsonl(tmp_path, [{"t": "a", "y": 1, "id": 10}, {"t": "b", "y": None, "id": 11},
+                             {"t": "c", "y": 0, "id": {"n": 12}}, {"t": "d", "y": [1], "id": 13}])
+    result = read_columns(path, text_a="t", label="y", uid="id", label_names=("0", "1"), on_error="skip")
+    assert [(e.uid, e.label) for e in result.examples] == [("10", 1)] and result.skipped == 3
+    assert "d.jsonl:2: field 'y' is null" in result.problems[0] and "field 'id' is an object" in result.problems[1]
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'y' is null; it must be a string, a number"):
+        task_readers.column_values(path, "y")  # a custom task's label set never gains the label "None"
+    assert task_readers.column_values(path, "y", on_error="skip") == ["1", "0"]
+    scores = _jsonl(tmp_path, [{"t": "a", "s": 4.5}, {"t": "b", "s": 2}])
+    assert [e.label for e in read_columns(scores, text_a="t", label="s").examples] == [4.5, 2.0]
+
+
+def test_a_race_record_with_a_null_id_names_file_and_line(tmp_path):
+    record = {"id": None, "article": "a", "questions": ["q"], "options": [list("abcd")], "answers": ["A"]}
+    path = _jsonl(tmp_path, [record])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'id' is null"):
+        read_race_jsonl(path)
+
+
 # ---------------------------------------------------------------- hostile and random files
 
 PROPERTY = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
@@ -224,7 +260,7 @@ def _read_or_data_error(read, path: pathlib.Path, **kwargs) -> None:
         else:
             assert isinstance(result, ReadResult)
             for example in result.examples:
-                assert isinstance(example.text_a, str)
+                assert isinstance(example.text_a, str) and isinstance(example.text_b, (str, type(None)))
 
 
 @PROPERTY

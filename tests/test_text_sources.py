@@ -3,7 +3,9 @@
 import glob
 import logging
 import os
+import re
 
+import numpy as np
 import pytest
 
 from gpt1_jax import vocab_files
@@ -19,10 +21,54 @@ def test_missing_files_and_unset_data_root_name_the_config(tmp_path, monkeypatch
 
 
 def test_clean_text_removes_bom_crlf_and_counts_invalid_bytes(caplog):
+    raw = b"\xef\xbb\xbfline one\r\nline \xff\xfe two\r\n" + b"plain text\n" * 20  # 2 of 245 characters bad
     with caplog.at_level(logging.WARNING):
-        text = text_sources.clean_text(b"\xef\xbb\xbfline one\r\nline \xff\xfe two\r\n", name="x.txt")
-    assert text == "line one\nline \ufffd\ufffd two\n"
-    assert "x.txt: replaced 2 invalid UTF-8" in caplog.text
+        text = text_sources.clean_text(raw, name="x.txt")
+    assert text.startswith("line one\nline \ufffd\ufffd two\nplain text\n")
+    assert "x.txt: replaced 2 invalid UTF-8 byte sequence(s) with U+FFFD (0.82% of its characters)" in caplog.text
+
+
+def test_a_corpus_of_random_bytes_is_refused_unless_replacement_is_allowed(tmp_path, char_tokenizer, caplog):
+    """Refused while the cache is built, so no cache is left to skip the check; one accepted with
+    data.allow_replacement is cached, and a later run without the flag reuses it."""
+    # Random bytes below 0xf0: no 4-byte UTF-8 sequences, so every character fits the char tokenizer's uint16 ids.
+    (tmp_path / "noise.bin").write_bytes(np.random.default_rng(0).integers(0, 0xF0, 20_000, np.uint8).tobytes())
+    pattern, cache_dir = str(tmp_path / "noise.bin"), tmp_path / "cache"
+    refused = text_sources.make_source(f"files:{pattern}", process_index=0, process_count=1)
+    with pytest.raises(text_sources.CorpusError,
+                       match=r"noise\.bin: 7,556 invalid UTF-8 byte sequence\(s\), 39\.9% of its 18,948 characters "
+                             r"\(more than 1%\).*data\.allow_replacement=True"):
+        token_cache.TokenCache.load_or_build(refused, char_tokenizer(), str(cache_dir))
+    assert os.listdir(cache_dir) == []
+    allowed = text_sources.make_source(f"files:{pattern}", process_index=0, process_count=1,
+                                       allow_replacement=True)
+    with caplog.at_level(logging.WARNING):
+        built = token_cache.TokenCache.load_or_build(allowed, char_tokenizer(), str(cache_dir))
+    assert "noise.bin: replaced" in caplog.text and (np.asarray(built.tokens) == 0xFFFD).sum() == 7556
+    tokenizer = char_tokenizer()
+    reused = token_cache.TokenCache.load_or_build(refused, tokenizer, str(cache_dir))
+    assert reused.path == built.path and tokenizer.calls == 0
+
+
+def test_every_book_of_concatenated_gutenberg_books_is_kept(books, tmp_path, caplog):
+    names = ["11-0.txt", "35-0.txt", "pg174.txt"]  # two with a BOM, one without
+    (tmp_path / "three.txt").write_bytes(b"".join((books / name).read_bytes() for name in names))
+    with caplog.at_level(logging.WARNING):
+        (text,) = text_sources.FileCorpus(str(tmp_path / "three.txt"), process_index=0, process_count=1)
+    singles = [next(iter(text_sources.FileCorpus(str(books / name), process_index=0, process_count=1)))
+               for name in names]
+    assert text == "\n\n".join(singles) and caplog.text == ""
+
+
+def test_stripping_that_drops_most_of_a_file_is_logged_naming_it(books, tmp_path, caplog):
+    """Alice, then Moby Dick whose marker lines are not in the '*** START OF' form: Moby Dick is dropped."""
+    moby = (books / "2701-0.txt").read_bytes().replace(b"*** START OF", b"START OF").replace(b"*** END OF", b"END OF")
+    (tmp_path / "two.txt").write_bytes((books / "11-0.txt").read_bytes() + moby)
+    with caplog.at_level(logging.WARNING):
+        (text,) = text_sources.FileCorpus(str(tmp_path / "two.txt"), process_index=0, process_count=1)
+    assert "MOBY" not in text.upper()
+    assert re.search(r"two\.txt: stripping Project Gutenberg headers and licences kept \d+ of its \d+ characters",
+                     caplog.text)
 
 
 @pytest.mark.parametrize("book", ["11-0.txt", "pg1342.txt", "28054-0.txt"])

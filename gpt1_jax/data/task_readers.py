@@ -185,6 +185,39 @@ def _jsonl_records(path, header, required, policy, encoding="utf-8"):
 _RECORDS = {"tsv": _tsv_records, "csv": _csv_records, "jsonl": _jsonl_records}
 
 
+def _json_kind(value: Any) -> str:
+    """A JSON value as its file spells it, with its type (`null`, `an object {"x": 1}`, `a number 3`): the
+    user looks for `null` in the file, not Python's `None`."""
+    kinds = {type(None): "", dict: "an object ", list: "a list ", bool: "a boolean ", int: "a number ",
+             float: "a number "}
+    shown = json.dumps(value, ensure_ascii=False)
+    return kinds.get(type(value), "") + (shown if len(shown) <= 40 else shown[:37] + "...")
+
+
+def _not_text(field: str, value: Any) -> str | None:
+    """Why a text field's value is unusable, or None. No dataset in shared/data has numeric text, so a
+    number there (as much as null, an object or a list) means the wrong field is mapped."""
+    if isinstance(value, str):
+        return None
+    return f"field {field!r} is {_json_kind(value)}, not a string (is the right field mapped?)"
+
+
+def _not_scalar(field: str, value: Any) -> str | None:
+    """Why a label's or id's value is unusable, or None: any JSON scalar (an integer class, a float score, a
+    boolean answer) is one, but null, an object or a list is not."""
+    if value is not None and not isinstance(value, (dict, list)):
+        return None
+    return f"field {field!r} is {_json_kind(value)}; it must be a string, a number or a boolean"
+
+
+def _field_problem(record: dict, texts: Iterable[str | None], scalars: Iterable[str | None]) -> str | None:
+    """The first unusable field of a row, or None. Only JSON lines hold non-strings; `str()` would turn them
+    into the text "None" or "{'x': 1}" and train on it."""
+    problems = [_not_text(f, record[f]) for f in texts if f is not None]
+    problems += [_not_scalar(f, record[f]) for f in scalars if f is not None]
+    return next((p for p in problems if p), None)
+
+
 def _parse_label(raw: Any, label_names: Sequence[str] | None, where: str, policy: _Policy) -> int | float | None:
     """Index of `raw` in `label_names`; a float when `label_names` is None (regression, STS-B)."""
     if label_names is None:
@@ -237,6 +270,10 @@ def read_columns(path: str | os.PathLike, *, text_a: str, text_b: str | None = N
     policy = _Policy(on_error, result)
     required = [c for c in (text_a, text_b, label, uid, *(choices or ())) if c is not None]
     for row, (number, record) in enumerate(_RECORDS[format](path, header, required, policy, encoding)):
+        problem = _field_problem(record, (text_a, text_b, *(choices or ())), (label, uid))
+        if problem:
+            policy.bad_row(f"{path}:{number}: {problem}")
+            continue
         choice_texts = tuple(str(record[c]) for c in choices) if choices else None
         parsed = None
         if label is not None:
@@ -260,9 +297,15 @@ def column_values(path: str | os.PathLike, column: str, *, format: str | None = 
                   header: Sequence[str] | None = None, encoding: str = "utf-8", on_error: str = "raise") -> list[str]:
     """Every value of one column (or JSON field) of a table, in file order: a user's raw labels, say."""
     path = pathlib.Path(path)
-    result = ReadResult([])
-    records = _RECORDS[table_format(path, format)](path, header, [column], _Policy(on_error, result), encoding)
-    return [str(record[column]) for _, record in records]
+    policy = _Policy(on_error, ReadResult([]))
+    values = []
+    for number, record in _RECORDS[table_format(path, format)](path, header, [column], policy, encoding):
+        problem = _field_problem(record, (), (column,))
+        if problem:
+            policy.bad_row(f"{path}:{number}: {problem}")
+            continue
+        values.append(str(record[column]))
+    return values
 
 
 def table_columns(path: str | os.PathLike, *, format: str | None = None, header: Sequence[str] | None = None,
@@ -280,8 +323,10 @@ def _is_strings(value) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
-def _race_type_problem(article, questions, options, answers) -> str | None:
+def _race_type_problem(article_id, article, questions, options, answers) -> str | None:
     """What is of the wrong JSON type in a RACE record, or None: hand-made files mix up nesting levels."""
+    if problem := _not_scalar("id", article_id):
+        return problem
     if not isinstance(article, str):
         return f"'article' must be a string, got {type(article).__name__}"
     if not _is_strings(questions):
@@ -296,7 +341,7 @@ def _race_type_problem(article, questions, options, answers) -> str | None:
 def _race_examples(article_id: str, article: str, questions: Sequence[str], options: Sequence[Sequence[str]],
                    answers: Sequence[str], where: str, policy: _Policy) -> Iterator[Example]:
     """One Example per question of a RACE article (the source stores one record per article)."""
-    problem = _race_type_problem(article, questions, options, answers)
+    problem = _race_type_problem(article_id, article, questions, options, answers)
     if problem:
         policy.bad_row(f"{where}: {problem}")
         return

@@ -17,8 +17,14 @@ config point ``data.source`` at any comparable corpus instead:
     ``local:corpus/gutenberg/*.txt``.
 
 Every document goes through :func:`clean_text`: BOM removal, CRLF -> LF, Project Gutenberg
-header/footer stripping and invalid UTF-8 replaced (counted and logged), so that the licence
-boilerplate of every book does not become the most frequent "text" the model learns.
+header/footer stripping (of every book, when one file holds several) and invalid UTF-8 replaced
+(counted and logged), so that the licence boilerplate of every book does not become the most
+frequent "text" the model learns. A document with more than 1% of its characters replaced is not
+UTF-8 text (binary data, another encoding) and is refused with a :class:`CorpusError` unless
+``data.allow_replacement`` is set. The refusal comes while the token cache is being built, and a
+cache is published only once complete, so a refused corpus leaves no cache behind. The flag is not
+part of a source's identity (the cache key): it accepts a corpus without changing its text, so the
+cache one run built with it holds the same tokens, and later runs reuse it without the flag.
 
 Each process reads only its own share (files ``[process_index::process_count]`` of the sorted
 list, or ``tfds.split_for_jax_process``), so a multi-host run tokenizes every document once.
@@ -36,10 +42,13 @@ from typing import Protocol
 
 import jax
 
+from gpt1_jax.errors import UserError
 from gpt1_jax.vocab_files import DATA_ENV
 
 # Bump when clean_text changes what it produces, so token caches built from the old text are rebuilt.
-CLEANING_VERSION = 2
+CLEANING_VERSION = 3
+# Above this fraction of replaced characters a document is refused unless data.allow_replacement.
+MAX_REPLACED_FRACTION = 0.01
 
 _BOM = "\ufeff"
 _REPLACEMENT_UTF8 = "\ufffd".encode()
@@ -52,6 +61,10 @@ _TFDS_SPEC = re.compile(
 )
 
 log = logging.getLogger(__name__)
+
+
+class CorpusError(UserError, ValueError):
+    """A ``data.source`` that cannot be read as a corpus; the message names the file or spec and the fix."""
 
 
 class TextSource(Protocol):
@@ -75,7 +88,7 @@ def resolve_data_path(relative: str) -> str:
     """
     root = os.environ.get(DATA_ENV)
     if not root:
-        raise ValueError(
+        raise CorpusError(
             f"data.source {'local:' + relative!r} is relative to the data root, but the environment "
             f"variable {DATA_ENV} is not set; export {DATA_ENV}=/path/to/data (a folder with "
             "corpus/, gpt1_vocab/, ...) or use files:<absolute glob>."
@@ -84,15 +97,19 @@ def resolve_data_path(relative: str) -> str:
 
 
 def strip_gutenberg(text: str) -> str:
-    """Keeps only the book between the ``*** START OF`` and ``*** END OF`` marker lines.
+    """Keeps the books between each ``*** START OF`` marker line and the ``*** END OF`` line after it.
 
-    Text without a START marker is returned unchanged; a missing END marker keeps the rest.
+    A file may hold several books one after another, each with its own header, licence and markers;
+    every book is kept, joined by a paragraph break. A book without an END marker runs to the next
+    START marker (or the end of the text). Text without a START marker is returned unchanged.
     """
-    start = _START_MARKER.search(text)
-    if start is None:
-        return text
-    end = _END_MARKER.search(text, start.end())
-    return unwrap_lines(text[start.end() : end.start() if end else len(text)].strip("\n"))
+    starts = list(_START_MARKER.finditer(text))
+    books = []
+    for start, following in zip(starts, starts[1:] + [None]):
+        limit = following.start() if following else len(text)
+        end = _END_MARKER.search(text, start.end(), limit)
+        books.append(unwrap_lines(text[start.end() : end.start() if end else limit].strip("\n")))
+    return "\n\n".join(book for book in books if book) if starts else text
 
 
 def unwrap_lines(text: str) -> str:
@@ -106,19 +123,43 @@ def unwrap_lines(text: str) -> str:
     return "\n\n".join(unwrapped)
 
 
-def clean_text(raw: bytes | str, *, name: str = "<document>") -> str:
-    """Decodes UTF-8 (invalid bytes -> U+FFFD, logged), drops a BOM, normalises CRLF, strips Gutenberg."""
-    if isinstance(raw, bytes):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("utf-8", errors="replace")
-            replaced = text.count("\ufffd") - raw.count(_REPLACEMENT_UTF8)
-            log.warning("%s: replaced %d invalid UTF-8 byte sequence(s) with U+FFFD", name, replaced)
-    else:
-        text = raw
+def _decode(raw: bytes, name: str, allow_replacement: bool) -> str:
+    """UTF-8 with invalid bytes replaced by U+FFFD: a few in a book are noise, logged and kept; more than
+    MAX_REPLACED_FRACTION of the characters means the file is not UTF-8 text, and training on it would
+    teach the model U+FFFD, so it is a CorpusError unless ``allow_replacement``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - raw.count(_REPLACEMENT_UTF8)
+    fraction = replaced / len(text)
+    if fraction > MAX_REPLACED_FRACTION and not allow_replacement:
+        raise CorpusError(
+            f"{name}: {replaced:,} invalid UTF-8 byte sequence(s), {fraction:.1%} of its {len(text):,} "
+            f"characters (more than {MAX_REPLACED_FRACTION:.0%}): it is not UTF-8 text. Convert it (e.g. "
+            "iconv -f latin1 -t utf-8), leave it out of data.source, or set data.allow_replacement=True "
+            "to train on it with U+FFFD in place of those bytes."
+        )
+    log.warning("%s: replaced %d invalid UTF-8 byte sequence(s) with U+FFFD (%.2f%% of its characters)",
+                name, replaced, 100 * fraction)
+    return text
+
+
+def clean_text(raw: bytes | str, *, name: str = "<document>", allow_replacement: bool = False) -> str:
+    """Decodes UTF-8 (see `_decode`), drops a BOM, normalises CRLF, strips Gutenberg boilerplate.
+
+    Stripping that drops more than half of a document is logged: a book's licence is a small part of
+    it, so losing more means marker lines that do not enclose the text (a file of many books whose
+    markers are not all of the ``*** START OF`` / ``*** END OF`` form, say).
+    """
+    text = _decode(raw, name, allow_replacement) if isinstance(raw, bytes) else raw
     text = text.removeprefix(_BOM).replace("\r\n", "\n").replace("\r", "\n")
-    return strip_gutenberg(text)
+    stripped = strip_gutenberg(text)
+    if len(stripped) < len(text) / 2:
+        log.warning("%s: stripping Project Gutenberg headers and licences kept %d of its %d characters; check "
+                    "that its '*** START OF' and '*** END OF' lines enclose every book", name, len(stripped),
+                    len(text))
+    return stripped
 
 
 def _process_share(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -138,15 +179,17 @@ class FileCorpus:
         *,
         process_index: int | None = None,
         process_count: int | None = None,
+        allow_replacement: bool = False,
     ):
+        self.allow_replacement = allow_replacement
         self.pattern = os.path.realpath(os.path.expanduser(pattern))  # one cache key however it is spelt
         self.process_index, self.process_count = _process_share(process_index, process_count)
         all_files = sorted(glob.glob(self.pattern, recursive=True))
         all_files = [f for f in all_files if os.path.isfile(f)]
         if not all_files:
-            raise ValueError(f"data.source: no files match {self.pattern!r}.")
+            raise CorpusError(f"data.source: no files match {self.pattern!r}.")
         if len(all_files) < self.process_count:
-            raise ValueError(
+            raise CorpusError(
                 f"data.source {self.pattern!r} matches {len(all_files)} file(s) but there are "
                 f"{self.process_count} processes; each process reads whole files, so split the "
                 "corpus into at least as many files as processes."
@@ -169,7 +212,7 @@ class FileCorpus:
     def __iter__(self) -> Iterator[str]:
         for path in self.files:
             with open(path, "rb") as f:
-                yield clean_text(f.read(), name=path)
+                yield clean_text(f.read(), name=path, allow_replacement=self.allow_replacement)
 
 
 class TfdsCorpus:
@@ -184,22 +227,23 @@ class TfdsCorpus:
         data_dir: str | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
+        allow_replacement: bool = False,
     ):
         import tensorflow_datasets as tfds  # TensorFlow is heavy; only TFDS sources pay for it.
 
-        self.split, self.data_dir = split, data_dir
+        self.split, self.data_dir, self.allow_replacement = split, data_dir, allow_replacement
         self.process_index, self.process_count = _process_share(process_index, process_count)
         try:
             # Reads only code and dataset_info.json; nothing is downloaded or prepared here.
             self._builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError as e:
-            raise ValueError(
+            raise CorpusError(
                 f"data.source: TFDS has no dataset {name!r} (spec 'tfds:{name}'); check the name at "
                 "https://www.tensorflow.org/datasets/catalog/overview."
             ) from e
         self.feature = feature or self._default_feature()
         if self.feature not in self._builder.info.features:
-            raise ValueError(
+            raise CorpusError(
                 f"data.source: {self._builder.info.full_name} has no feature {self.feature!r}; "
                 f"features are {sorted(self._builder.info.features)}."
             )
@@ -213,7 +257,7 @@ class TfdsCorpus:
             return texts[0]
         if "text" in texts:
             return "text"
-        raise ValueError(
+        raise CorpusError(
             f"data.source: cannot pick the text feature of {self._builder.info.full_name} "
             f"(Text features: {texts or 'none'}); name one, e.g. 'tfds:<name>?feature=<feature>'."
         )
@@ -243,7 +287,8 @@ class TfdsCorpus:
 
     def __iter__(self) -> Iterator[str]:
         for i, raw in enumerate(self._dataset().as_numpy_iterator()):
-            yield clean_text(raw, name=f"{self._builder.info.full_name}[{i}]")
+            yield clean_text(raw, name=f"{self._builder.info.full_name}[{i}]",
+                             allow_replacement=self.allow_replacement)
 
 
 def make_source(
@@ -252,21 +297,23 @@ def make_source(
     data_dir: str | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    allow_replacement: bool = False,
 ) -> FileCorpus | TfdsCorpus:
     """Builds the source named by ``data.source`` (syntax in the module docstring).
 
-    ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``.
+    ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``;
+    ``allow_replacement`` is ``data.allow_replacement``.
     """
-    share = dict(process_index=process_index, process_count=process_count)
+    share = dict(process_index=process_index, process_count=process_count, allow_replacement=allow_replacement)
     if not spec:
-        raise ValueError("data.source is empty; set it to e.g. 'local:corpus/gutenberg/*.txt'.")
+        raise CorpusError("data.source is empty; set it to e.g. 'local:corpus/gutenberg/*.txt'.")
     if spec.startswith("tfds:"):
         match = _TFDS_SPEC.match(spec.removeprefix("tfds:"))
         if match is None:
-            raise ValueError(f"data.source {spec!r}: expected tfds:<name>[:<split>][?feature=<f>].")
+            raise CorpusError(f"data.source {spec!r}: expected tfds:<name>[:<split>][?feature=<f>].")
         query = urllib.parse.parse_qs(match["query"] or "", strict_parsing=bool(match["query"]))
         if set(query) - {"feature"}:
-            raise ValueError(f"data.source {spec!r}: the only option is ?feature=<name>.")
+            raise CorpusError(f"data.source {spec!r}: the only option is ?feature=<name>.")
         feature = query["feature"][0] if "feature" in query else None
         split = match["split"] or "train"
         return TfdsCorpus(match["name"], split=split, feature=feature, data_dir=data_dir, **share)
