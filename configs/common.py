@@ -25,6 +25,8 @@ def base_config() -> ConfigDict:
     config = ConfigDict()
     config.mode = "pretrain"
     config.seed = 0
+    # Move whatever the workdir holds into previous-<time>/ and start from step 0, even with the same config:
+    # keep it out of a command that is rerun to resume (a preemptible job's restart).
     config.start_over = False
     # Resume a workdir whose train.num_steps changed (the schedule is recomputed for the new length).
     config.extend = False

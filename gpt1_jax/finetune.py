@@ -52,7 +52,7 @@ from gpt1_jax import (
     train_lib,
     workdir_guard,
 )
-from gpt1_jax.config_check import ConfigError
+from gpt1_jax.config_check import SHAPE_KEYS, ConfigError
 from gpt1_jax.data import task_inputs
 from gpt1_jax.data.task_inputs import TaskData
 from gpt1_jax.heads import LM_SOFTMAX_ROWS, TaskModel, predictions, task_loss
@@ -62,7 +62,6 @@ from gpt1_jax.vocab_files import N_SPECIAL
 
 log = logging.getLogger(__name__)
 
-SHAPE_KEYS = ("vocab_size", "n_ctx", "width", "n_head", "n_layer", "mlp_width")
 RUN_KEYS = ("embd_dropout", "attn_dropout", "resid_dropout", "embd_dropout_site", "dtype", "scan_layers",
             "remat", "attention")
 TRAIN_KEYS = {"tokens": 3, "mask": 3, "classify_positions": 2, "labels": 1, "weights": 1}  # name -> ndim
@@ -302,15 +301,15 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
     workdir_path = pathlib.Path(workdir)
     spec = check_config(config)
     model_cfg, initial, description = build_params(config, spec, config.seed)
-    workdir_guard.claim(workdir_path, config)
-    data = task_inputs.load(config, spec, model_cfg.n_ctx)
-    epoch_steps = steps_per_epoch(len(data.train), config)
-    total_steps = config.finetune.epochs * epoch_steps
-    early_evals = eval_steps_in_first_epoch(config)
-    schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
-    optimizer = optim.make_optimizer(config.optimizer, total_steps, jax.eval_shape(lambda p: p, initial))
-    compiled, eval_step = compile_finetune(config, model_cfg, spec, optimizer, schedule)
     with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(workdir_guard.claim(workdir_path, config))  # locked until the run ends, any way
+        data = task_inputs.load(config, spec, model_cfg.n_ctx)
+        epoch_steps = steps_per_epoch(len(data.train), config)
+        total_steps = config.finetune.epochs * epoch_steps
+        early_evals = eval_steps_in_first_epoch(config)
+        schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
+        optimizer = optim.make_optimizer(config.optimizer, total_steps, jax.eval_shape(lambda p: p, initial))
+        compiled, eval_step = compile_finetune(config, model_cfg, spec, optimizer, schedule)
         rolling = cleanup.enter_context(contextlib.closing(checkpoint.TrainCheckpointer(
             workdir_path / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)))
         best_dir = workdir_path / "best"
@@ -356,8 +355,8 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
             return {"stopped_at": int(final["stopped_at"])}
         abstract = compiled.abstract_state
         _, best_params, _ = best_ckpt.restore_latest(abstract.params, {"step": abstract.step})
-    files = write_predictions(eval_step, best_params, data, config, compiled.mesh, workdir_path)
-    return write_results(workdir_path, config, spec, best, description, files)
+        files = write_predictions(eval_step, best_params, data, config, compiled.mesh, workdir_path)
+        return write_results(workdir_path, config, spec, best, description, files)
 
 
 def write_predictions(eval_step, params, data, config, mesh, workdir: pathlib.Path) -> list[str]:

@@ -13,13 +13,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gpt1_jax.run_log import read_metrics  # noqa: E402
+from gpt1_jax.errors import UserError  # noqa: E402
+from gpt1_jax.run_log import METRICS_FILE, read_metrics  # noqa: E402
 
 PANELS = (
     ("loss", ("loss", "task_loss", "lm_loss", "val_loss")),
     ("perplexity", ("perplexity", "val_perplexity")),
     ("learning rate", ("lr",)),
 )
+
+
+class PlotError(UserError, ValueError):
+    """A run with nothing to draw: no metrics.jsonl, or none of the quantities of `PANELS` in it."""
 
 
 def _series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -33,12 +38,21 @@ def _validation_keys(metrics: list[dict]) -> list[str]:
 
 
 def plot_run(run: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
-    """Write `<out_dir>/<run name>.png` with one panel per quantity over training steps."""
+    """Write `<out_dir>/<run name>.png` with one panel per quantity over training steps.
+
+    A run with nothing to draw raises PlotError rather than writing an empty figure.
+    """
     run, out_dir = pathlib.Path(run), pathlib.Path(out_dir)
+    if not (run / METRICS_FILE).is_file():
+        raise PlotError(f"{run}: no {METRICS_FILE} to plot; pass a train.py --workdir.")
     metrics = read_metrics(run)
     panels = [(title, [k for k in keys if any(k in m for m in metrics)]) for title, keys in PANELS]
     panels.append(("validation metrics", _validation_keys(metrics)))
     panels = [(title, keys) for title, keys in panels if keys]
+    if not panels:
+        plotted = ", ".join(key for _, keys in PANELS for key in keys)
+        raise PlotError(f"{run / METRICS_FILE}: nothing to plot in its {len(metrics)} records: none has {plotted} "
+                        "or a <split>/<metric> score (has the run logged a step yet?).")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
     for axis, (title, keys) in zip(axes[0], panels):
         for key in keys:

@@ -113,19 +113,19 @@ def peak_flops(config: ConfigDict) -> float:
 def pretrain(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Pre-train with objective L1 until `train.num_steps`; resumes from the workdir's latest checkpoint."""
     workdir_path = pathlib.Path(workdir)
-    model_cfg = model_config(config)
     config_check.check_pretrain(config)
+    model_cfg = model_config(config)
     probe_names(config)  # before the workdir is claimed; the probe files are read after the corpus
-    workdir_guard.claim(workdir_path, config)
-    data = LMData.build(config)
-    probes = ZeroShotTracker(config, data.tokenizer)
-    total_steps = config.train.num_steps
-    schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
-    abstract_params = jax.eval_shape(lambda: initial_params(model_cfg, 0))
-    optimizer = optim.make_optimizer(config.optimizer, total_steps, abstract_params)
-    compiled = compile_pretraining(config, model_cfg, optimizer, schedule)
-    eval_step = jax.jit(make_lm_eval_step(compiled.graphdef, config))
     with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(workdir_guard.claim(workdir_path, config))  # locked until the run ends, any way
+        data = LMData.build(config)
+        probes = ZeroShotTracker(config, data.tokenizer)
+        total_steps = config.train.num_steps
+        schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
+        abstract_params = jax.eval_shape(lambda: initial_params(model_cfg, 0))
+        optimizer = optim.make_optimizer(config.optimizer, total_steps, abstract_params)
+        compiled = compile_pretraining(config, model_cfg, optimizer, schedule)
+        eval_step = jax.jit(make_lm_eval_step(compiled.graphdef, config))
         checkpointer = cleanup.enter_context(contextlib.closing(checkpoint.TrainCheckpointer(
             workdir_path / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)))
         state, resumed = train_lib.restore_or_init(checkpointer, compiled,

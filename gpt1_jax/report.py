@@ -3,13 +3,14 @@
 A fine-tuning workdir contributes its `results.json` (best dev scores per split and the paper's
 number, Tables 2-4); a pre-training workdir its last validation perplexity from `metrics.jsonl`
 (the paper reports 18.4 on BooksCorpus, not comparable with other corpora). `--plots DIR` also
-draws each run's curves as PNG files.
+draws each run's curves as PNG files; a run with nothing to draw yet is named on stderr and skipped.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 from absl import flags
 
@@ -83,10 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(table, end="")
     if args.plots:
-        from gpt1_jax.plots import plot_run
+        from gpt1_jax.plots import PlotError, plot_run
 
         for run in runs:
-            print(f"Wrote {plot_run(run, args.plots)}")
+            try:
+                print(f"Wrote {plot_run(run, args.plots)}")
+            except PlotError as err:  # the table is written; the other runs still get their curves
+                print(f"No curves for {run}: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,18 @@ start-up is `gpt1_jax.distributed`'s.
 
 from __future__ import annotations
 
+import difflib
 import functools
+import importlib.util
 import logging
+import pathlib
 import sys
 
+import jax
 from absl import flags
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
-from gpt1_jax import cli, config_check, distributed
+from gpt1_jax import cli, config_check, distributed, workdir_guard
 
 SYNOPSIS = "--config configs/RECIPE.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]"
 
@@ -33,16 +37,73 @@ def _define_flags(flag_values: flags.FlagValues, *, argv: list[str]) -> None:
     flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
 
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of `--name VALUE` or `--name=VALUE` in `argv`, None when absent."""
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _load_recipe(spec: str) -> ConfigDict:
+    """The config of a recipe file `path[:arg]`, loaded as config_flags loads it."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("gpt1_jax_recipe", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_override(argv: list[str]) -> config_check.ConfigError | None:
+    """An error naming the first `--config.KEY` override the recipe lacks, its section and the nearest key.
+
+    ml_collections reports such a key as a bare `AttributeError: 'bogus'` traceback from inside flag parsing.
+    """
+    spec = _flag_value(argv, "config")
+    if spec is None:
+        return None
+    config = _load_recipe(spec)
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        node, parts = config, key.split(".")
+        for depth, part in enumerate(parts):
+            if isinstance(node, ConfigDict) and part in node:
+                node = node[part]
+                continue
+            section = ".".join(parts[:depth])
+            where = f"section {section!r}" if section else "the top level"
+            valid = sorted(node.keys()) if isinstance(node, ConfigDict) else []
+            prefix = f"{section}." if section else ""
+            nearest = difflib.get_close_matches(part, valid, n=1)
+            hint = (f"nearest valid key: {prefix}{nearest[0]}" if nearest
+                    else f"valid keys there: {', '.join(prefix + k for k in valid)}" if valid
+                    else f"{section} is a value, not a section")
+            return config_check.ConfigError(f"--config.{key}: {spec} has no key {part!r} in {where}; {hint}.")
+    return None
+
+
 @cli.reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     """`python train.py` (`gpt1-train`); `argv` excludes the program name."""
     argv = sys.argv[1:] if argv is None else argv
-    args = cli.parse(argv, functools.partial(_define_flags, argv=argv), prog="python train.py", synopsis=SYNOPSIS,
-                     doc=__doc__).flags
+    try:
+        args = cli.parse(argv, functools.partial(_define_flags, argv=argv), prog="python train.py",
+                         synopsis=SYNOPSIS, doc=__doc__).flags
+    except (AttributeError, KeyError):
+        error = unknown_override(argv)
+        if error is None:
+            raise
+        raise error from None
     # Warnings from every library; progress from ours (the loop's step lines, checkpoints, evaluations).
     logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(asctime)s %(name)s] %(message)s")
     logging.getLogger("gpt1_jax").setLevel(logging.INFO)
     distributed.initialize_from_env()
+    if jax.process_index() == 0:
+        workdir_guard.refuse_if_held(pathlib.Path(args.workdir))
     config = args.config
     if config.mode == "pretrain":
         from gpt1_jax.pretrain import pretrain

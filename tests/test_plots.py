@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import struct
 
 import pytest
@@ -49,3 +50,17 @@ def test_a_run_that_diverged_still_gets_its_curves(tmp_path):
     with (run / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 5, "loss": math.nan, "perplexity": math.inf}) + "\n")
     assert png_size(plots.plot_run(run, tmp_path / "plots")) == (2 * 450, 350)
+
+
+@pytest.mark.parametrize("keys", [["grad_norm", "tokens_per_s"], []], ids=["nothing-plottable", "no-records"])
+def test_a_run_with_nothing_to_draw_is_named_and_no_empty_figure_written(tmp_path, keys):
+    run = make_run(tmp_path / "run", keys, steps=range(1, 5) if keys else [])
+    with pytest.raises(plots.PlotError, match=rf"{re.escape(str(run / 'metrics.jsonl'))}: nothing to plot in its "
+                                              rf"{4 if keys else 0} records"):
+        plots.plot_run(run, tmp_path / "plots")
+    assert not (tmp_path / "plots" / "run.png").exists()
+
+
+def test_a_folder_without_metrics_is_named(tmp_path):
+    with pytest.raises(plots.PlotError, match=rf"{re.escape(str(tmp_path))}: no metrics.jsonl to plot"):
+        plots.plot_run(tmp_path, tmp_path / "plots")

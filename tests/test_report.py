@@ -1,9 +1,12 @@
-"""The report table and the curves, from real run directories."""
+"""The report table and the curves, from real run directories, and from damaged or empty metrics files."""
+
+import json
 
 import pytest
 
 from configs import finetune as finetune_recipe
 from gpt1_jax import finetune, pretrain, report
+from gpt1_jax.run_log import METRICS_FILE
 from pretrain_helpers import tiny_config
 
 
@@ -44,3 +47,31 @@ def test_plots_are_valid_pngs(runs, tmp_path):
 def test_a_folder_that_is_not_a_run_is_named(tmp_path):
     with pytest.raises(report.ReportError, match=str(tmp_path)):
         report.render([tmp_path])
+
+
+def pretraining_run(folder, lines: list[str]):
+    """A pre-training workdir whose metrics.jsonl holds `lines`, the first ones complete records."""
+    folder.mkdir()
+    (folder / METRICS_FILE).write_text("\n".join(lines))
+    return folder
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_skipped_and_a_bad_earlier_line_is_one_error(tmp_path, capsys):
+    records = [json.dumps({"step": step, "loss": 3.0, "val_perplexity": 40.0 - step}) for step in (2, 4)]
+    cut = pretraining_run(tmp_path / "cut", [*records, '{"step": 6, "val_perplex'])
+    assert "| pre-training (step 4) | validation | perplexity | 36.0 |" in report.render([cut])
+    bad = pretraining_run(tmp_path / "bad", [records[0], "{not json", records[1]])
+    with pytest.raises(SystemExit) as exit_status:
+        report.main([str(bad)])
+    assert exit_status.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: {bad / METRICS_FILE}:2: not a metrics record ('{{not json'); "
+                                               'every line should be a JSON object with a "step". Repair or delete '
+                                               "that line.")
+
+
+def test_a_run_with_no_curves_is_named_and_the_other_runs_plotted(tmp_path, capsys):
+    empty = pretraining_run(tmp_path / "just-started", [json.dumps({"step": 1, "tokens_per_s": 10.0})])
+    good = pretraining_run(tmp_path / "good", [json.dumps({"step": s, "loss": 3.0 / s}) for s in (1, 2)])
+    report.main([str(empty), str(good), "--out", str(tmp_path / "r.md"), "--plots", str(tmp_path / "plots")])
+    assert f"No curves for {empty}: {empty / METRICS_FILE}: nothing to plot" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["good.png"]

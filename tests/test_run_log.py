@@ -1,14 +1,17 @@
-"""gpt1_jax/run_log.py: metrics.jsonl and TensorBoard event files of a run, read back as written."""
+"""gpt1_jax/run_log.py: metrics.jsonl and TensorBoard event files of a run, read back as written, one history
+across restarts."""
 
 import json
 import math
+import re
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from gpt1_jax.run_log import METRICS_FILE, RunLog, read_metrics
+from gpt1_jax.run_log import METRICS_FILE, SUPERSEDED_FILE, MetricsError, RunLog, read_metrics
 
 
 def log_steps(workdir, steps: dict[int, dict], *, initial_step: int = 0) -> None:
@@ -55,3 +58,42 @@ def test_a_resumed_run_appends_to_the_metrics_of_the_first(tmp_path):
     log_steps(tmp_path, {3: {"loss": 2.0}}, initial_step=2)
     assert [(m["step"], m["loss"]) for m in read_metrics(tmp_path)] == [(1, 3.0), (2, 2.5), (3, 2.0)]
     assert tensorboard_scalars(tmp_path) == {"loss": {1: 3.0, 2: 2.5, 3: 2.0}}
+
+
+def test_a_restart_before_the_last_logged_step_moves_the_later_records_aside_and_logs_each_step_once(tmp_path,
+                                                                                                       caplog):
+    """A kill after step 6 was logged but step 3 was the last checkpoint, or checkpoints deleted under a run."""
+    log_steps(tmp_path, {step: {"loss": 10.0 - step} for step in range(1, 7)})
+    first_attempt = (tmp_path / METRICS_FILE).read_text().splitlines()
+    with caplog.at_level("WARNING"):
+        log_steps(tmp_path, {step: {"loss": 20.0 - step} for step in range(4, 8)}, initial_step=3)
+    assert [(m["step"], m["loss"]) for m in read_metrics(tmp_path)] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 16.0),
+                                                                        (5, 15.0), (6, 14.0), (7, 13.0)]
+    header, *moved = (tmp_path / SUPERSEDED_FILE).read_text().splitlines()
+    assert moved == first_attempt[3:]  # nothing lost: the superseded lines, verbatim
+    assert json.loads(header)["restart_step"] == 3
+    assert "records steps 4-6, past the step 3 this run resumes from" in caplog.text
+    with caplog.at_level("WARNING"):
+        log_steps(tmp_path, {1: {"loss": 1.0}})  # every checkpoint gone: a new history from step 0
+    assert "records steps 1-7, past the step 0 this run starts from (no checkpoint is left)" in caplog.text
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
+
+
+def test_a_last_line_cut_short_by_a_kill_is_skipped_with_a_warning_and_moved_aside_on_resume(tmp_path, caplog):
+    log_steps(tmp_path, {1: {"loss": 3.0}, 2: {"loss": 2.5}})
+    with (tmp_path / METRICS_FILE).open("a") as f:
+        f.write('{"step": 3, "lo')  # killed in the middle of a write
+    with caplog.at_level("WARNING"):
+        assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+    assert f"{tmp_path / METRICS_FILE}:3: skipped the last line" in caplog.text
+    log_steps(tmp_path, {3: {"loss": 2.0}}, initial_step=2)  # appends after a clean line end, not onto the stub
+    assert [(m["step"], m["loss"]) for m in read_metrics(tmp_path)] == [(1, 3.0), (2, 2.5), (3, 2.0)]
+    assert (tmp_path / SUPERSEDED_FILE).read_text().splitlines()[1:] == ['{"step": 3, "lo']
+
+
+def test_a_bad_line_before_the_last_is_an_error_naming_file_and_line(tmp_path):
+    log_steps(tmp_path, {1: {"loss": 3.0}, 2: {"loss": 2.5}})
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    (tmp_path / METRICS_FILE).write_text("\n".join([lines[0], "garbage", lines[1]]) + "\n")
+    with pytest.raises(MetricsError, match=rf"{re.escape(str(tmp_path / METRICS_FILE))}:2: not a metrics record"):
+        read_metrics(tmp_path)
