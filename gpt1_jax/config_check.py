@@ -33,6 +33,8 @@ def _interval(low: float, high: float, *, low_open: bool = False, high_open: boo
     return test, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
+# The model config's size keys; 0 in a fine-tuning config means "the starting checkpoint's".
+SHAPE_KEYS = ("vocab_size", "n_ctx", "width", "n_head", "n_layer", "mlp_width")
 AT_LEAST_1, AT_LEAST_0 = _interval(1, math.inf), _interval(0, math.inf)
 POSITIVE, PROBABILITY = _interval(0, math.inf, low_open=True), _interval(0, 1, high_open=True)
 # The valid values of every numeric key that has a range; keys a recipe lacks (finetune.* when
@@ -41,6 +43,8 @@ RANGES = {
     "optimizer.lr": POSITIVE, "optimizer.eps": POSITIVE, "optimizer.b1": PROBABILITY, "optimizer.b2": PROBABILITY,
     "optimizer.weight_decay": AT_LEAST_0, "optimizer.grad_clip_norm": AT_LEAST_0,
     "optimizer.warmup_steps": AT_LEAST_0, "optimizer.warmup_fraction": _interval(0, 1),
+    # 0 only when fine-tuning (check_pretrain requires >= 1).
+    **{f"model.{name}": AT_LEAST_0 for name in SHAPE_KEYS},
     "model.embd_dropout": PROBABILITY, "model.attn_dropout": PROBABILITY, "model.resid_dropout": PROBABILITY,
     "finetune.clf_dropout": PROBABILITY,
     "train.batch_size": AT_LEAST_1, "train.eval_batch_size": AT_LEAST_1, "train.log_every": AT_LEAST_1,
@@ -80,6 +84,9 @@ def check_batching(config: ConfigDict) -> None:
 
 def check_common(config: ConfigDict) -> None:
     check_ranges(config)
+    if config.model.n_head and config.model.width % config.model.n_head:
+        raise ConfigError(f"model.width={config.model.width} must be divisible by model.n_head={config.model.n_head}: "
+                          "each head gets width / n_head dimensions.")
     if config.optimizer.kind not in optim.KINDS:
         raise ConfigError(f"optimizer.kind={config.optimizer.kind!r}: use 'released' (the released code's Adam) "
                           "or 'adamw' (optax.adamw).")
@@ -102,6 +109,9 @@ def check_pretrain(config: ConfigDict) -> None:
     check_common(config)
     if config.train.num_steps < 1:
         raise ConfigError(f"train.num_steps={config.train.num_steps} must be >= 1.")
+    for name in SHAPE_KEYS:
+        if config.model[name] < 1:
+            raise ConfigError(f"model.{name}={config.model[name]} must be >= 1 for pre-training.")
     if config.model.n_special:
         raise ConfigError("model.n_special must be 0 for pre-training: special tokens are added by fine-tuning.")
 

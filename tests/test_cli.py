@@ -74,6 +74,26 @@ def test_train_reads_config_overrides_from_the_argv_it_is_given(tmp_path, capsys
     assert exit_info.value.code == 2 and "error: mode='bogus'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.num_step=3", "--config.train.num_step: {recipe} has no key 'num_step' in section 'train'; "
+                                  "nearest valid key: train.num_steps."),
+    ("--config.trian.num_steps=3", "--config.trian.num_steps: {recipe} has no key 'trian' in the top level; "
+                                   "nearest valid key: train."),
+    ("--config.bogus=1",
+     "--config.bogus: {recipe} has no key 'bogus' in the top level; valid keys there: checkpoint, "),
+    ("--config.seed.x=1",
+     "--config.seed.x: {recipe} has no key 'x' in section 'seed'; seed is a value, not a section."),
+])
+def test_an_unknown_config_key_names_its_section_and_the_nearest_valid_key(tmp_path, capsys, override, message):
+    recipe = str(REPO / "configs" / "finetune.py") + ":tiny"
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--config", recipe, "--workdir", str(tmp_path / "w"), override])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: " + message.format(recipe=recipe))
+    assert not (tmp_path / "w").exists()
+
+
 def user_error_command_lines(tmp_path: pathlib.Path) -> dict[str, tuple]:
     """One command line per entry point that fails on the user's input, and what its message must name."""
     missing = str(tmp_path / "no-such-checkpoint")

@@ -4,9 +4,11 @@ Tested elsewhere: refused `train.profile_steps` (test_train_lib.py), an unknown 
 (test_optim.py), and bad configs failing a whole pre-training launch (test_pretrain.py).
 """
 
+import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -66,10 +68,28 @@ def test_global_batch_must_split_over_accumulation_times_devices(monkeypatch):
     ({"model.n_special": 3}, r"model\.n_special must be 0 for pre-training"),
     ({"train.num_steps": 0}, r"train\.num_steps=0"),
     ({"train.nonfinite": "ignore"}, r"train\.nonfinite='ignore'"),  # check_pretrain includes check_common
+    ({"model.width": 0}, r"model\.width=0 must be >= 1 for pre-training"),
+    ({"model.n_head": 0}, r"model\.n_head=0 must be >= 1 for pre-training"),
+    ({"model.n_layer": 0}, r"model\.n_layer=0 must be >= 1 for pre-training"),
+    ({"model.vocab_size": 0}, r"model\.vocab_size=0 must be >= 1 for pre-training"),
+    ({"model.n_head": 3}, r"model\.width=64 must be divisible by model\.n_head=3"),
+    ({"model.mlp_width": -4}, r"model\.mlp_width=-4 is out of range: it must be >= 0"),
 ])
 def test_bad_pretraining_value_names_its_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         config_check.check_pretrain(overridden(tiny_pretrain.get_config(), overrides))
+
+
+def test_a_zero_width_model_is_refused_at_once_instead_of_training_and_hanging(tmp_path):
+    """It used to train with a zero gradient, fail to save ("zero size") and never exit."""
+    command = [sys.executable, "train.py", "--config", "configs/tiny_pretrain.py", "--workdir", str(tmp_path / "run"),
+               "--config.model.width=0"]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=pathlib.Path(__file__).parents[1], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - started < 60
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: model.width=0 must be >= 1 for pre-training."
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("text, window", [("", None), ("5", (5, 5)), ("3-7", (3, 7)), (" 1-1 ", (1, 1))])

@@ -6,8 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import lm_batches, lm_pipeline
 from gpt1_jax.data.lm_pipeline import LMData
+from gpt1_jax.data.text_sources import CorpusError
 from pretrain_helpers import tiny_config
 
 TWO_BOOKS = "local:corpus/gutenberg/3[56]-0.txt"  # The Time Machine, The War of the Worlds
@@ -39,6 +41,23 @@ def test_unigram_baseline_of_a_real_book_lies_between_uniform_and_certain(token_
     data = LMData.build(tiny_config(token_cache_dir))
     # Word frequencies of English text: far better than uniform over 40,478 ids, far from perfect.
     assert 100 < data.unigram_perplexity < 2_000
+
+
+def test_a_vocabulary_smaller_than_the_tokenizers_ids_is_refused_before_compiling(token_cache_dir):
+    """Ids past the table gave a non-finite loss that blamed the learning rate."""
+    with pytest.raises(ConfigError, match=r"model\.vocab_size=100 is smaller than the tokenizer's 40,478 ids"):
+        LMData.build(tiny_config(token_cache_dir, **{"model.vocab_size": 100}))
+
+
+def test_a_corpus_that_is_not_utf8_is_refused_unless_data_allow_replacement(tmp_path, token_cache_dir):
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    config = tiny_config(tmp_path / "cache", **{"data.source": f"files:{noise}", "data.val_fraction": 0.1,
+                                                "train.eval_batches": 1})
+    with pytest.raises(CorpusError, match=r"noise\.txt: .* invalid UTF-8 .*data\.allow_replacement=True"):
+        LMData.build(config)
+    config.data.allow_replacement = True
+    assert LMData.build(config).sampler.tokens.size > 0
 
 
 def test_unigram_perplexity_matches_a_hand_computation():

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import lm_batches, text_sources, token_cache
 from gpt1_jax.tokenizer import GPT1Tokenizer
 
@@ -41,8 +42,14 @@ class LMData:
         shard = config.data.shard_by_process
         source = text_sources.make_source(
             config.data.source, data_dir=config.data.tfds_data_dir or None,
-            process_index=index if shard else 0, process_count=processes if shard else 1)
+            process_index=index if shard else 0, process_count=processes if shard else 1,
+            allow_replacement=config.data.allow_replacement)
         tokenizer = GPT1Tokenizer.from_files(config.data.vocab_dir or None)
+        ids = len(tokenizer.encoder)
+        if ids > config.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {ids:,} ids: larger ids "
+                f"would index past the token table. Set model.vocab_size to at least {ids}.")
         cache = token_cache.TokenCache.load_or_build(source, tokenizer, config.data.cache_dir or default_cache_dir())
         train_tokens, val_tokens = cache.split(config.data.val_fraction)
         local_batch = config.train.batch_size // processes
