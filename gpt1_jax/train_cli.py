@@ -37,6 +37,22 @@ def _define_flags(flag_values: flags.FlagValues, *, argv: list[str]) -> None:
     flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
 
+class _TracebacksBehindVerbose(logging.Filter):
+    """Keeps the message of a library's logged error and drops its traceback (shown with --verbose).
+
+    Orbax's background save threads log every failure through absl with its traceback: a full disk
+    printed five tracebacks, 350 lines, before the save error that names the cause reached the entry
+    point and was printed as its one `error:` line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+_TRACEBACKS_BEHIND_VERBOSE = _TracebacksBehindVerbose()
+
+
 def _flag_value(argv: list[str], name: str) -> str | None:
     """The value of `--name VALUE` or `--name=VALUE` in `argv`, None when absent."""
     for i, arg in enumerate(argv):
@@ -101,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     # Warnings from every library; progress from ours (the loop's step lines, checkpoints, evaluations).
     logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(asctime)s %(name)s] %(message)s")
     logging.getLogger("gpt1_jax").setLevel(logging.INFO)
+    if args.verbose:
+        logging.getLogger("absl").removeFilter(_TRACEBACKS_BEHIND_VERBOSE)
+    else:
+        logging.getLogger("absl").addFilter(_TRACEBACKS_BEHIND_VERBOSE)
     distributed.initialize_from_env()
     if jax.process_index() == 0:
         workdir_guard.refuse_if_held(pathlib.Path(args.workdir))
