@@ -2,11 +2,15 @@
 
 import os
 import signal
+import subprocess
 import threading
+import time
 
 import pytest
 
+from gpt1_jax import checkpoint
 from gpt1_jax.preemption import StopRequest
+from pretrain_helpers import REPO, tiny_config, train_py_command, wait_for_step
 
 
 @pytest.fixture
@@ -68,3 +72,25 @@ def test_off_the_main_thread_it_leaves_signal_handlers_alone(program_handlers):
     worker.start()
     worker.join()
     assert seen == [(False, record)]
+
+
+@pytest.mark.slow
+def test_a_sigterm_between_logging_steps_stops_at_the_next_update(tmp_path, token_cache_dir):
+    """A TPU VM's grace period is ~30 s: the loop checks the flag after every update, not every `log_every`.
+
+    Logging every 20 updates (a few seconds of tiny updates here), a SIGTERM right after step 20 is
+    logged must save a step before 40.
+    """
+    config = tiny_config(token_cache_dir, **{"train.num_steps": 100_000, "train.log_every": 20,
+                                             "checkpoint.every": 100_000})
+    proc = subprocess.Popen(train_py_command(config, tmp_path), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for_step(tmp_path, 20, proc)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert time.monotonic() - sent < 10
+    saved = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", keep=3).steps()
+    assert len(saved) == 1 and 20 < saved[0] < 40, (saved, output[-2000:])
+    assert f"SIGTERM at step {saved[0]}: saved step {saved[0]}" in output
