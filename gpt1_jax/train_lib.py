@@ -161,16 +161,37 @@ def restore_or_init(checkpointer: checkpoint.TrainCheckpointer, compiled: Compil
 
 
 def check_finite(state: TrainState, config: ConfigDict, checkpointer: checkpoint.TrainCheckpointer) -> int:
-    """Raise (mode "stop") naming the first bad step and the last good checkpoint; return the count."""
+    """Raise (mode "stop") naming the first bad step and what the newest checkpoint is; return the count.
+
+    A non-finite update right after a restore points at the checkpoint rather than the learning rate,
+    so the message then says how to fall back to the step before it. Otherwise it calls the newest step
+    good only when this run wrote it (its updates were finite up to then) and says what is known of it
+    when the run merely found it there.
+    """
     bad = int(state.nonfinite_steps)
-    if bad and config.train.nonfinite == "stop":
-        good = checkpointer.steps()
+    if not bad or config.train.nonfinite != "stop":
+        return bad
+    first = int(state.first_nonfinite_step) + 1
+    directory, resumed = checkpointer.directory, checkpointer.resumed_step
+    checked = "its checksums matched" if checkpointer.resumed_verified else "it has no checksums to verify"
+    if resumed is not None and first == resumed + 1:
         raise NonFiniteError(
-            f"Loss or gradients were not finite at step {int(state.first_nonfinite_step) + 1}; that update was not "
-            f"applied and nothing after it was saved. Last good checkpoint: "
-            f"{f'step {good[-1]} in {checkpointer.directory}' if good else 'none'}. Lower optimizer.lr, check the "
-            "data, or set train.nonfinite=skip to skip such steps.")
-    return bad
+            f"Loss or gradients were not finite at step {first}, the first update after resuming from checkpoint "
+            f"step {resumed} in {directory} ({checked}): that checkpoint may be bad. Move {directory / str(resumed)} "
+            "aside and rerun to resume from the step before it, or pass --config.start_over=True to start afresh; if "
+            "the next run fails the same way, lower optimizer.lr or check the data.")
+    steps = checkpointer.steps()
+    if not steps:
+        newest = "No checkpoint saved yet"
+    elif steps[-1] in checkpointer.saved_steps:
+        newest = f"Last good checkpoint: step {steps[-1]} in {directory}, saved by this run before that update"
+    elif steps[-1] == resumed:
+        newest = f"Newest checkpoint: step {resumed} in {directory}, the one this run resumed from ({checked})"
+    else:
+        newest = f"Newest checkpoint: step {steps[-1]} in {directory}, neither restored nor written by this run"
+    raise NonFiniteError(
+        f"Loss or gradients were not finite at step {first}; that update was not applied and nothing after it was "
+        f"saved. {newest}. Lower optimizer.lr, check the data, or set train.nonfinite=skip to skip such steps.")
 
 
 def report_skipped(state: TrainState, config: ConfigDict, run_log: RunLog) -> None:

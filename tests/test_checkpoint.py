@@ -1,11 +1,17 @@
 """Orbax checkpoints on disk: the restore paths log no Orbax metadata warning, incomplete saves are deleted,
-damaged steps are set aside, `keep` and asynchronous saves, and errors that name what to fix.
+damaged steps (truncated, bytes changed, garbage metadata) are set aside, `keep` and asynchronous saves,
+`load_pretrained`'s checks and its hand-off of a fine-tuned backbone, and errors that name what to fix.
 
 The end-to-end behaviour (resuming a run, kills at any moment, a full disk) is tested through training in
 tests/test_pretrain.py and tests/test_reliability.py; these are the checkpointer's own, in seconds.
 """
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -13,7 +19,8 @@ import pytest
 from absl import logging as absl_logging
 from flax import nnx
 
-from gpt1_jax import checkpoint
+from gpt1_jax import checkpoint, convert, tasks
+from gpt1_jax.heads import TaskModel
 from gpt1_jax.model import GPT1, GPT1Config
 
 SMALL = GPT1Config(vocab_size=50, n_ctx=8, width=16, n_head=2, n_layer=1, mlp_width=32, vocab_pad_multiple=1)
@@ -104,3 +111,143 @@ def test_load_pretrained_errors_say_what_is_wrong(tmp_path):
     save_steps(tmp_path / "foreign", [1])  # its metadata has no model_config
     with pytest.raises(checkpoint.CheckpointError, match="not a gpt1_jax checkpoint"):
         checkpoint.load_pretrained(tmp_path / "foreign")
+    checkpoint.save_pretrained(tmp_path / "damaged", GPT1(SMALL, rngs=nnx.Rngs(0)))
+    shutil.rmtree(tmp_path / "damaged" / "0" / "params")
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 0 in \S+damaged: its params cannot be read"):
+        checkpoint.load_pretrained(tmp_path / "damaged")
+
+
+def test_close_closes_the_manager_even_when_the_last_save_failed(tmp_path, monkeypatch):
+    """close() raised the save's error before closing the manager, leaving Orbax's threads to the exit."""
+    saver = checkpoint.TrainCheckpointer(tmp_path, keep=5)
+    saver.save(1, *train_trees(1), {"kind": "pretrain"})
+    errors, closed = [OSError("disk full")], []
+    manager_wait, manager_close = saver._manager.wait_until_finished, saver._manager.close
+
+    def wait_until_finished():  # as Orbax: a failed save raises once, then waiting returns
+        if errors:
+            raise errors.pop()
+        manager_wait()
+
+    monkeypatch.setattr(saver._manager, "wait_until_finished", wait_until_finished)
+    monkeypatch.setattr(saver._manager, "close", lambda: closed.append(manager_close()))
+    with pytest.raises(checkpoint.CheckpointError, match="Writing checkpoint step 1 to .* failed: disk full"):
+        saver.close()
+    assert closed == [None]
+
+
+def test_a_step_folder_that_cannot_be_made_fails_the_save_at_once(tmp_path):
+    """Orbax made the step folder in a background thread; when that failed, the threads writing the items
+    waited 300 s for it, and the process could not exit. The folder is now made before `save` returns."""
+    saver = checkpoint.TrainCheckpointer(tmp_path / "ckpt", keep=5, async_save=True)
+    (tmp_path / "ckpt").rmdir()
+    (tmp_path / "ckpt").write_text("a file where the checkpoint folder was")  # fails as an unwritable folder does
+    start = time.monotonic()
+    with pytest.raises(checkpoint.CheckpointError, match="Writing checkpoint step 2 to .* failed"):
+        saver.save(2, *train_trees(2), {"kind": "pretrain"})
+    saver.close()
+    assert time.monotonic() - start < 10
+
+
+SHARDED_CHECKSUMS = """
+import numpy as np, jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from gpt1_jax import checkpoint
+mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+tree = {"a": np.random.default_rng(0).normal(size=(16, 12, 8)).astype(np.float32), "b": np.arange(8, dtype=np.int32)}
+specs = {"a": P("fsdp", None, "data"), "b": P(("data", "fsdp"))}
+sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
+print(checkpoint.checksums(tree) == checkpoint.checksums(sharded))
+"""
+
+
+def test_checksums_are_the_same_whatever_the_sharding():
+    """A step saved on one mesh (8 devices, fsdp) is verified when restored on another (1 device)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run([sys.executable, "-c", SHARDED_CHECKSUMS], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.strip() == "True", result.stderr[-3000:]
+
+
+def random_bits(tree, seed: int) -> dict:
+    """`tree`'s shapes filled with random float32 bit patterns: incompressible, so Orbax's zstd stores them raw
+    and a flipped byte changes a value instead of breaking the decompression."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: rng.integers(0, 2**32, a.shape, np.uint32).view(np.float32), tree)
+
+
+def flip_a_byte(params_dir) -> None:
+    """Flip one byte in the middle of the item's largest file, an OCDBT data file holding the arrays."""
+    data_file = max((f for f in params_dir.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_fail_the_checksum_restore_falls_back_and_load_pretrained_refuses(tmp_path, caplog):
+    """Orbax's files carry no checksum: a flipped byte loaded as changed weights, with no error."""
+    shapes = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(GPT1(SMALL, rngs=nnx.Rngs(0)), nnx.Param)))
+    saver = checkpoint.TrainCheckpointer(tmp_path, keep=5, async_save=False)
+    for step in (2, 4):
+        saver.save(step, random_bits(shapes, step), {"step": np.int32(step)},
+                   {"model_config": SMALL.to_dict(), "kind": "pretrain"})
+    saver.close()
+    flip_a_byte(tmp_path / "4" / "params")
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 4 in .*: params/\S+ does not match the checksum"):
+        checkpoint.load_pretrained(tmp_path)
+    saver = checkpoint.TrainCheckpointer(tmp_path, keep=5)
+    with caplog.at_level(logging.WARNING, logger="gpt1_jax.checkpoint"):
+        step, params, _ = saver.restore_latest(abstract(random_bits(shapes, 2)), abstract({"step": np.int32(0)}))
+    saver.close()
+    assert step == 2 and saver.resumed_verified
+    jax.tree.map(np.testing.assert_array_equal, params, random_bits(shapes, 2))
+    assert "Checkpoint step 4" in caplog.text and "does not match the checksum" in caplog.text
+    assert [p.name[:11] for p in tmp_path.glob("4.*")] == ["4.unusable-"]
+
+
+@pytest.mark.parametrize("content", ["", "{\"kind\": \"pretr", "[1, 2]"])
+def test_garbage_metadata_is_set_aside_in_training_and_named_when_loading(tmp_path, caplog, content):
+    save_steps(tmp_path / "run", [2, 4])
+    (tmp_path / "run" / "4" / "metadata" / "metadata").write_text(content)
+    model = GPT1(SMALL, rngs=nnx.Rngs(0))
+    checkpoint.save_pretrained(tmp_path / "converted", model)
+    metadata_file = tmp_path / "converted" / "0" / "metadata" / "metadata"
+    metadata_file.write_text(content)
+    for read in (checkpoint.read_metadata, checkpoint.load_pretrained):
+        with pytest.raises(checkpoint.CheckpointError, match=f"{metadata_file}.*(unreadable|not the JSON object)"):
+            read(tmp_path / "converted")
+    saver = checkpoint.TrainCheckpointer(tmp_path / "run", keep=5)
+    with caplog.at_level(logging.WARNING, logger="gpt1_jax.checkpoint"):
+        step, _, _ = saver.restore_latest(*map(abstract, train_trees(4)))
+    saver.close()
+    assert step == 2 and "Checkpoint step 4" in caplog.text
+
+
+def test_metadata_that_disagrees_with_the_arrays_is_refused_naming_the_key(tmp_path):
+    """A model_config saying 3 layers over arrays of 2 failed inside Flax, naming neither file nor key."""
+    two_layers = SMALL.replace(n_layer=2)
+    checkpoint.save_pretrained(tmp_path, GPT1(two_layers, rngs=nnx.Rngs(0)),
+                               metadata={"model_config": two_layers.replace(n_layer=3).to_dict()})
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"step 0 in \S+: parameter blocks/attn/proj/bias has shape \(2, 16\) in the arrays "
+                             r"but \(3, 16\) by the metadata's model_config .*'n_layer': 3"):
+        checkpoint.load_pretrained(tmp_path)
+
+
+def test_a_fine_tuning_checkpoint_gives_its_backbone_where_a_pre_trained_one_is_expected(tmp_path, caplog):
+    """Fine-tuning saves a TaskModel, {"backbone", "head"}: generate, convert and fine-tuning's init read the
+    backbone, where they failed with `key in pure_dict not available in state: ('backbone', ...)`."""
+    backbone_config = SMALL.replace(n_special=3)
+    task_model = TaskModel(GPT1(backbone_config, rngs=nnx.Rngs(0)), tasks.CLASSIFICATION, 2, clf_dropout=0.1,
+                           rngs=nnx.Rngs(1))
+    params = nnx.to_pure_dict(nnx.state(task_model, nnx.Param))
+    saver = checkpoint.TrainCheckpointer(tmp_path, keep=1, async_save=False)
+    saver.save(7, params, {"step": np.int32(7)}, {"model_config": backbone_config.to_dict(), "kind": "finetune"})
+    saver.close()
+    with caplog.at_level(logging.INFO, logger="gpt1_jax.checkpoint"):
+        config, loaded, metadata = checkpoint.load_pretrained(tmp_path)
+    assert config == backbone_config and metadata["kind"] == "finetune"
+    jax.tree.map(np.testing.assert_array_equal, loaded, params["backbone"])
+    assert "fine-tuning checkpoint" in caplog.text and "dropping its task head" in caplog.text
+    model = convert.model_from_params(config, loaded)  # what generate and convert build from it
+    assert model(np.zeros((1, 4), np.int32)).shape == (1, 4, SMALL.width)

@@ -30,13 +30,18 @@ def fixed_batches(config, n: int) -> list[np.ndarray]:
             for _ in range(n)]
 
 
-def run_recipe(config, workdir, *, evaluate=None, save_due=None):
-    """STEPS updates of the tiny LM on fixed random batches; returns (final scalars, batches consumed)."""
+def compile_recipe(config):
+    """(model config, optimizer, compiled step) of the tiny LM for STEPS updates."""
     model_cfg = pretrain.model_config(config)
     schedule = optim.learning_rate_schedule(config.optimizer, STEPS)
     abstract_params = jax.eval_shape(lambda: pretrain.initial_params(model_cfg, 0))
     optimizer = optim.make_optimizer(config.optimizer, STEPS, abstract_params)
-    compiled = pretrain.compile_pretraining(config, model_cfg, optimizer, schedule)
+    return model_cfg, optimizer, pretrain.compile_pretraining(config, model_cfg, optimizer, schedule)
+
+
+def run_recipe(config, workdir, *, evaluate=None, save_due=None):
+    """STEPS updates of the tiny LM on fixed random batches; returns (final scalars, batches consumed)."""
+    model_cfg, optimizer, compiled = compile_recipe(config)
     data = fixed_batches(config, STEPS)
     consumed = []
 
@@ -78,6 +83,22 @@ def test_stop_at_saves_pauses_and_the_rerun_takes_the_next_batch(tmp_path):
     assert final["stopped_at"] == 2 and consumed == [0, 1] and saved == [2]
     final, consumed, saved = run_recipe(small_config(), tmp_path)
     assert consumed == [2, 3] and saved == [2, 4] and "stopped_at" not in final
+
+
+def test_a_non_finite_first_update_after_a_resume_names_the_checkpoint_as_suspect(tmp_path):
+    """A checkpoint that restores cleanly but holds bad values used to be called "the last good checkpoint",
+    with advice to lower optimizer.lr; the message now says how to fall back to the step before it."""
+    run_recipe(small_config(stop_at=2), tmp_path)
+    _, _, compiled = compile_recipe(small_config())
+    saver = checkpoint.TrainCheckpointer(tmp_path / "checkpoints", keep=5, async_save=False)
+    _, params, rest = saver.restore_latest(compiled.abstract_state.params, compiled.abstract_state.rest())
+    # Step 3: infinite parameters, saved (so with matching checksums) as a step written by a run would be.
+    saver.save(3, jax.tree.map(lambda p: p + np.inf, params), {**rest, "step": np.int32(3)}, {"kind": "test"})
+    saver.close()
+    with pytest.raises(train_lib.NonFiniteError,
+                       match=r"not finite at step 4, the first update after resuming from checkpoint step 3 in "
+                             r"\S+ \(its checksums matched\): that checkpoint may be bad. Move \S+/3 aside"):
+        run_recipe(small_config(), tmp_path)
 
 
 def test_profile_steps_write_a_trace_tensorboard_can_show(tmp_path):
