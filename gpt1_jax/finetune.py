@@ -354,7 +354,12 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
         if "stopped_at" in final:
             return {"stopped_at": int(final["stopped_at"])}
         abstract = compiled.abstract_state
-        _, best_params, _ = best_ckpt.restore_latest(abstract.params, {"step": abstract.step})
+        best_step, best_params, _ = best_ckpt.restore_latest(abstract.params, {"step": abstract.step})
+        if best_step is None:
+            raise checkpoint.CheckpointError(
+                f"The best checkpoint in {best_dir} is unusable (set aside, see the warning above), so the predictions "
+                f"of its step cannot be written. The last step is in {workdir_path / 'checkpoints'}; rerun with "
+                "--config.start_over=True to fine-tune again.")
         files = write_predictions(eval_step, best_params, data, config, compiled.mesh, workdir_path)
         return write_results(workdir_path, config, spec, best, description, files)
 

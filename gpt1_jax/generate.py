@@ -225,7 +225,11 @@ def score_continuations(model: GPT1, context_ids: Sequence[int], continuation_id
 
 
 def load_model(checkpoint_dir: str | None = None, hf_dir: str | None = None) -> GPT1:
-    """A GPT1 from one of our Orbax checkpoints or from a transformers OpenAIGPT folder."""
+    """A GPT1 from one of our Orbax checkpoints or from a transformers OpenAIGPT folder, text tokens only.
+
+    A fine-tuned backbone's special tokens (start, delimiter, extract) are not text the tokenizer can
+    write, so their rows are dropped: sampling and scoring range over the BPE vocabulary.
+    """
     from gpt1_jax import checkpoint, convert
 
     if (checkpoint_dir is None) == (hf_dir is None):
@@ -234,7 +238,8 @@ def load_model(checkpoint_dir: str | None = None, hf_dir: str | None = None) -> 
         config, params, _ = checkpoint.load_pretrained(checkpoint_dir)
     else:
         config, params = convert.load_hf(hf_dir)
-    return convert.model_from_params(config, params)
+    model = convert.model_from_params(config, params)
+    return model.with_special_tokens(0, rngs=nnx.Rngs(0)) if config.n_special else model
 
 
 SYNOPSIS = "(--checkpoint DIR | --hf DIR) --prompt TEXT [--max_new_tokens N --top_p P --seed S ...]"

@@ -142,6 +142,14 @@ def test_resumed_run_writes_results_and_glue_predictions(pretrained, tmp_path, d
     assert lines[0] == "index\tprediction" and len(lines) == 1 + 1821
     assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
     assert checkpoint.latest_step(tmp_path / "best") == 4
+    # A best step damaged after the run: the rerun says so instead of crashing on missing parameters.
+    data_file = max((p for p in (tmp_path / "best" / "4" / "params").rglob("*") if p.is_file()),
+                    key=lambda p: p.stat().st_size)
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    data_file.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match=r"The best checkpoint in .*best is unusable"):
+        finetune.finetune(config, str(tmp_path))
 
 
 def launch_two_process_finetuning(workdir: pathlib.Path, data_root: pathlib.Path) -> list[subprocess.Popen]:

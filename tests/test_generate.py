@@ -139,3 +139,27 @@ def test_cli_generates_from_orbax_checkpoint(tmp_path, capsys, data_root):
           "--top_k", "5", "--seed", "3", "--vocab_dir", str(data_root / "gpt1_vocab")])
     words = capsys.readouterr().out.split()
     assert words[:4] == ["the", "quick", "brown", "fox"] and len(words) >= 5
+
+
+def test_a_fine_tuned_backbone_generates_text_tokens_only(tmp_path):
+    """A fine-tuning checkpoint's backbone has 3 special-token rows the tokenizer cannot write: dropped."""
+    from gpt1_jax import heads, tasks
+    from gpt1_jax.generate import load_model
+
+    config = GPT1Config(vocab_size=50, n_special=3, n_ctx=16, width=32, n_head=2, n_layer=1, mlp_width=64,
+                        vocab_pad_multiple=1)
+    backbone = GPT1(config, rngs=nnx.Rngs(0))
+    direction = np.random.default_rng(0).normal(size=32)
+    table = np.array(backbone.tokens_embed[...])
+    table[50], table[51] = 30 * direction, -30 * direction  # one of them wins every argmax
+    backbone.tokens_embed[...] = jnp.asarray(table)
+    assert generate(backbone, np.array([1, 2, 3]), max_new_tokens=20, greedy=True).max() >= 50
+    task_model = heads.TaskModel(backbone, tasks.CLASSIFICATION, 2, clf_dropout=0.1, rngs=nnx.Rngs(1))
+    saver = checkpoint.TrainCheckpointer(tmp_path, keep=1, async_save=False)
+    saver.save(3, nnx.to_pure_dict(nnx.state(task_model, nnx.Param)), {"step": np.int32(3)},
+               {"model_config": config.to_dict(), "kind": "finetune"})
+    saver.close()
+    model = load_model(str(tmp_path))
+    assert model.config.n_special == 0
+    new = generate(model, np.array([1, 2, 3]), max_new_tokens=20, greedy=True)
+    assert new.max() < 50
