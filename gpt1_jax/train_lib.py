@@ -279,10 +279,16 @@ def run(config: ConfigDict, compiled: Compiled, state: TrainState, checkpointer:
         batches = stack.enter_context(recipe.batches(start))
         stack.callback(profiler.stop)
         last_time, last_step = time.perf_counter(), start
+        in_flight = None
         for done, batch in zip(range(start + 1, recipe.total_steps + 1), batches):
             profiler.before(done)
             state, metrics = compiled.train_step(state, batch)
             profiler.after(done, metrics)
+            # Dispatch is asynchronous: unbounded, the loop would run up to `log_every` updates ahead of the
+            # device, and a stop request would wait for all of them before its save. Waiting for the previous
+            # update keeps one in flight (the device never idles) and a stop at most one update away.
+            jax.block_until_ready(in_flight)
+            in_flight = metrics
             run_log.advance()
             if done % config.train.log_every == 0 or done == recipe.total_steps:
                 check_finite(state, config, checkpointer)

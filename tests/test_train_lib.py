@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
 import numpy as np
@@ -76,6 +77,31 @@ def test_hooks_are_called_and_logged_and_extra_saves_honoured(tmp_path):
     assert [m["step"] for m in logged if "loss" in m] == [1, 2, 3, 4]
     assert [(m["step"], m["probe"]) for m in logged if "probe" in m] == [(2, 2.0), (4, 4.0)]
     assert final["probe"] == 4.0 and "stopped_at" not in final and np.isfinite(final["loss"])
+
+
+def test_the_loop_stays_within_one_update_of_the_device(tmp_path):
+    """Dispatch is asynchronous. Unbounded, the loop ran up to `log_every` updates ahead of the device, and a
+    save on SIGTERM waited for all of them: with a 30 s grace period and slow updates, too long."""
+    config = small_config()
+    config.train.log_every = 1000  # no logging step to block on
+    model_cfg, optimizer, compiled = compile_recipe(config)
+    train_step, dispatched, unfinished = compiled.train_step, [], []
+
+    def recorded_step(state, batch):
+        unfinished.append(sum(not metrics["loss"].is_ready() for metrics in dispatched))
+        state, metrics = train_step(state, batch)
+        dispatched.append(metrics)
+        return state, metrics
+
+    batch = fixed_batches(config, 1)[0]
+    compiled = dataclasses.replace(compiled, train_step=recorded_step)
+    recipe = train_lib.Recipe(total_steps=12, batches=lambda start: contextlib.nullcontext(iter([batch] * 12)),
+                              evaluate=lambda done, state: {}, metadata={})
+    with contextlib.closing(checkpoint.TrainCheckpointer(tmp_path / "checkpoints", keep=1, async_save=False)) as ckpt:
+        state = train_lib.place_state(pretrain.initial_params(model_cfg, 0), optimizer, compiled)
+        with contextlib.closing(RunLog(tmp_path, total_steps=12, initial_step=0, description="test")) as run_log:
+            train_lib.run(config, compiled, state, ckpt, run_log, recipe)
+    assert len(unfinished) == 12 and max(unfinished) <= 1, unfinished
 
 
 def test_stop_at_saves_pauses_and_the_rerun_takes_the_next_batch(tmp_path):
