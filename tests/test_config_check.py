@@ -14,7 +14,7 @@ import jax
 import pytest
 from ml_collections import ConfigDict
 
-from configs import finetune, gpt1_pretrain, tiny_pretrain
+from configs import finetune, gpt1_pretrain, mini_pretrain, tiny_pretrain
 from gpt1_jax import config_check
 from gpt1_jax.config_check import RANGES, ConfigError, check_common
 
@@ -33,6 +33,7 @@ def overridden(config, overrides: dict):
 def test_shipped_recipes_pass():
     config_check.check_pretrain(tiny_pretrain.get_config())
     config_check.check_pretrain(gpt1_pretrain.get_config())
+    config_check.check_pretrain(mini_pretrain.get_config())
     for arg in (None, "tiny", "rte", "story_cloze"):
         config_check.check_common(finetune.get_config(arg))
 
