@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         config, params = load_hf(args.hf, allow_nonfinite=args.allow_nonfinite)
     else:
         config, params, _ = checkpoint.load_pretrained(args.orbax_in)
-        check_finite(named_from_params(params, config), args.orbax_in, allow=args.allow_nonfinite)
+        params = _finite(params, config, args.orbax_in, args.allow_nonfinite)
     source = args.openai or args.hf or args.orbax_in
     model = model_from_params(config, params)
     if args.orbax:
