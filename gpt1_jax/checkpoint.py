@@ -199,7 +199,7 @@ def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tu
         config = _model_config(metadata, directory / str(step) / "metadata" / "metadata")
         params = _restore_host_params(manager, step, config, f"Checkpoint step {step} in {directory}")
     _verify(metadata, {"params": params}, f"Checkpoint step {step} in {directory}")
-    if set(params) == {"backbone", "head"}:
+    if _is_task_model(params):
         log.info("%s step %d is a fine-tuning checkpoint (kind %r): using its backbone, dropping its task head.",
                  directory, step, metadata.get("kind"))
         params = params["backbone"]
@@ -213,13 +213,18 @@ def _restore_host_params(manager: ocp.CheckpointManager, step: int, config: GPT1
         stored = manager.metadata(step).item_metadata["params"].tree
     except Exception as err:  # noqa: BLE001 - a missing item is a KeyError, a damaged one whatever Orbax raises
         raise CheckpointError(f"{where}: its params cannot be read ({type(err).__name__}: {err}). {damaged}") from err
-    _check_shapes(config, stored["backbone"] if set(stored) == {"backbone", "head"} else stored, where)
+    _check_shapes(config, stored["backbone"] if _is_task_model(stored) else stored, where)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored)
     try:
         return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
     except Exception as err:  # noqa: BLE001 - truncated or missing files: tensorstore's ValueError, OSError, ...
         raise CheckpointError(f"{where}: its params cannot be read ({type(err).__name__}: {err}). {damaged}") from err
+
+
+def _is_task_model(tree: dict) -> bool:
+    """Whether a checkpoint's `params` are a fine-tuning TaskModel's ({"backbone", "head"}), not a GPT1's."""
+    return set(tree) == {"backbone", "head"}
 
 
 def _model_config(metadata: dict, file: pathlib.Path) -> GPT1Config:
@@ -357,9 +362,10 @@ class TrainCheckpointer:
         try:
             self._manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001 - errors of the asynchronous save surface here
-            raise CheckpointError(f"Writing checkpoint step {self.saved_steps.pop()} to {self.directory} failed: "
-                                  f"{err}. Earlier checkpoints are untouched; free space or fix permissions and rerun."
-                                  ) from err
+            # The failed step is no longer one this run saved; none is listed when `save` itself raised.
+            what = f"checkpoint step {self.saved_steps.pop()}" if self.saved_steps else "a checkpoint"
+            raise CheckpointError(f"Writing {what} to {self.directory} failed: {err}. Earlier checkpoints are "
+                                  "untouched; free space or fix permissions and rerun.") from err
 
     def close(self) -> None:
         """Wait for the last save, then close the manager even if that save failed (its error is raised after).
