@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from gpt1_jax import pretrained
 from gpt1_jax.errors import UserError
 from gpt1_jax.model import GPT1, GPT1Config
 
@@ -138,9 +139,14 @@ def _params_of(model: GPT1) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def save_pretrained(directory: str | os.PathLike, model: GPT1, *, metadata: dict[str, Any] | None = None) -> None:
-    """Write parameters and model config as step 0 (converted weights, no optimizer state)."""
-    params = _params_of(model)
+def save_pretrained(directory: str | os.PathLike, model: GPT1, *, metadata: dict[str, Any] | None = None,
+                    dtype: str = "float32") -> None:
+    """Write parameters and model config as step 0 (converted weights, no optimizer state).
+
+    `dtype` "bfloat16" halves the files, for a checkpoint that ships (`gpt1_jax.pretrained`); loading
+    widens the values back to the float32 the model keeps its parameters in.
+    """
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), _params_of(model))
     meta = {"model_config": model.config.to_dict(), "kind": "converted", **(metadata or {}),
             CHECKSUMS: {"params": checksums(params)}}
     with _manager(directory) as manager:
@@ -172,6 +178,7 @@ def _read_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 
 def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    directory = pretrained.resolve(directory)
     with _manager(directory, read_only=True) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
@@ -180,7 +187,9 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
 
 
 def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tuple[GPT1Config, dict, dict[str, Any]]:
-    """(model config, parameters as numpy, metadata) of the latest complete step (or `step`).
+    """(model config, float32 parameters as numpy, metadata) of the latest complete step (or `step`).
+
+    `directory` may also name a checkpoint shipped with the package (`gpt1_jax.pretrained`, e.g. "mini").
 
     Parameters come back on the host so the caller can place them on any mesh, checked against the
     shapes the metadata's model config implies and against the checksums saved with them. Given a
@@ -188,9 +197,10 @@ def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tu
     the metadata records: fine-tuning again, generating or converting from it then works as from a
     pre-trained one.
     """
-    directory = pathlib.Path(directory).absolute()  # Orbax resolves relative paths differently per call
+    directory = pathlib.Path(pretrained.resolve(directory)).absolute()  # Orbax resolves relative paths per call
     if not directory.is_dir():
-        raise CheckpointError(f"Checkpoint directory {directory} does not exist (config key: init).")
+        raise CheckpointError(f"Checkpoint directory {directory} does not exist (config key: init). Give a "
+                              f"checkpoint folder or a shipped name: {', '.join(pretrained.SHIPPED)}.")
     with _manager(directory, read_only=True) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
@@ -203,7 +213,7 @@ def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tu
         log.info("%s step %d is a fine-tuning checkpoint (kind %r): using its backbone, dropping its task head.",
                  directory, step, metadata.get("kind"))
         params = params["backbone"]
-    return config, jax.tree.map(np.asarray, params), metadata
+    return config, jax.tree.map(lambda x: np.asarray(x, np.float32), params), metadata
 
 
 def _restore_host_params(manager: ocp.CheckpointManager, step: int, config: GPT1Config, where: str) -> dict:

@@ -10,6 +10,7 @@ Command line (installed as `gpt1-convert`):
     python -m gpt1_jax.convert --hf DIR --orbax OUT                   # openai-community/openai-gpt layout
     python -m gpt1_jax.convert --orbax_in CKPT --hf_out OUT           # ours -> transformers
     python -m gpt1_jax.convert --hf DIR --orbax OUT --allow_nonfinite # NaN/inf weights kept, with a warning
+    python -m gpt1_jax.convert --orbax_in RUN/checkpoints --orbax OUT --dtype bfloat16  # half-size, to ship
 """
 
 from __future__ import annotations
@@ -325,7 +326,8 @@ def save_hf(model: GPT1, directory: str | os.PathLike) -> None:
 # ---------------------------------------------------------------- command line
 
 
-SYNOPSIS = "(--openai DIR [--n_head N] | --hf DIR | --orbax_in CKPT) [--orbax OUT] [--hf_out OUT] [--allow_nonfinite]"
+SYNOPSIS = ("(--openai DIR [--n_head N] | --hf DIR | --orbax_in CKPT) [--orbax OUT [--dtype bfloat16]] [--hf_out OUT] "
+            "[--allow_nonfinite]")
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
@@ -339,6 +341,8 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer("n_head", None, f"Attention heads of the --openai release, which does not record them "
                          f"(default {DEFAULT_N_HEAD}, GPT-1's).", **define)
     flags.DEFINE_string("orbax", None, "Write an Orbax checkpoint here (fine-tuning's --config.init).", **define)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "The dtype of the --orbax parameters: bfloat16 "
+                      "halves the files (the model widens them to float32 when it loads them).", **define)
     flags.DEFINE_string("hf_out", None, "Write a Hugging Face model folder here.", **define)
     flags.DEFINE_boolean("allow_nonfinite", False, "Convert weights holding NaN or inf, with a warning, instead of "
                          "refusing them.", **define)
@@ -347,6 +351,9 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
     flags.register_multi_flags_validator(
         ["n_head", "openai"], lambda f: f["n_head"] is None or f["openai"] is not None,
         message="--n_head is for --openai only: the other formats record their head count", **define)
+    flags.register_multi_flags_validator(
+        ["dtype", "orbax"], lambda f: f["dtype"] == "float32" or f["orbax"] is not None,
+        message="--dtype is for --orbax only: Hugging Face folders are written in float32", **define)
 
 
 @cli.reports_user_errors
@@ -356,18 +363,20 @@ def main(argv: list[str] | None = None) -> None:
 
     from gpt1_jax import checkpoint
 
+    provenance = {}  # an Orbax input's training run and tokenizer, which gpt1-evaluate reads for its unigram column
     if args.openai:
         n_head = DEFAULT_N_HEAD if args.n_head is None else args.n_head
         config, params = load_openai_original(args.openai, n_head=n_head, allow_nonfinite=args.allow_nonfinite)
     elif args.hf:
         config, params = load_hf(args.hf, allow_nonfinite=args.allow_nonfinite)
     else:
-        config, params, _ = checkpoint.load_pretrained(args.orbax_in)
+        config, params, metadata = checkpoint.load_pretrained(args.orbax_in)
+        provenance = {key: metadata[key] for key in ("config", "tokenizer") if key in metadata}
         params = _finite(params, config, args.orbax_in, args.allow_nonfinite)
     source = args.openai or args.hf or args.orbax_in
     model = model_from_params(config, params)
     if args.orbax:
-        checkpoint.save_pretrained(args.orbax, model, metadata={"source": source})
+        checkpoint.save_pretrained(args.orbax, model, metadata={"source": source, **provenance}, dtype=args.dtype)
         print(f"Wrote Orbax checkpoint to {args.orbax}")
     if args.hf_out:
         save_hf(model, args.hf_out)

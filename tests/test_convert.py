@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -308,3 +309,24 @@ def test_cli_refuses_a_non_finite_orbax_checkpoint(tmp_path, capsys):
         convert.main(["--orbax_in", str(tmp_path / "ckpt"), "--hf_out", str(tmp_path / "hf")])
     assert re.search(r"ckpt: non-finite weights in 'positions_embed\.weight' \(1 NaN", capsys.readouterr().err)
     assert not (tmp_path / "hf").exists()
+
+
+def test_cli_writes_a_half_size_bfloat16_checkpoint_that_loads_as_float32_with_its_provenance(tmp_path):
+    """How the shipped mini model is made: a pre-training run's step, halved, still telling gpt1-evaluate
+    which books it was trained on and with which tokenizer."""
+    model = GPT1(GPT1Config(vocab_size=500, n_ctx=64, width=64, n_head=4, n_layer=2, mlp_width=256), rngs=nnx.Rngs(0))
+    run = {"data": {"source": "local:corpus/gutenberg/*-0.txt", "val_fraction": 0.02}}
+    checkpoint.save_pretrained(tmp_path / "run", model, metadata={"config": run, "tokenizer": "bpe-1234"})
+    convert.main(["--orbax_in", str(tmp_path / "run"), "--orbax", str(tmp_path / "half"), "--dtype", "bfloat16"])
+
+    def size(folder):
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and "params" in f.parts)
+
+    assert size(tmp_path / "half") < 0.6 * size(tmp_path / "run")
+    config, params, metadata = checkpoint.load_pretrained(tmp_path / "half")
+    assert config == model.config and metadata["config"] == run and metadata["tokenizer"] == "bpe-1234"
+    for want, got in zip(jax.tree.leaves(params_of(model)), jax.tree.leaves(params)):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.asarray(want.astype(jnp.bfloat16), np.float32))
+    with pytest.raises(SystemExit):
+        convert.main(["--orbax_in", str(tmp_path / "run"), "--hf_out", str(tmp_path / "hf"), "--dtype", "bfloat16"])
