@@ -1,0 +1,177 @@
+"""The paper's Table 5 in miniature: does the shipped mini model's pre-training help, with and without L1?
+
+Four rows with identical settings (configs/finetune.py:mini, one learning rate), as in Sec. 5:
+  mini, L3        the shipped mini model (`init=mini`), L3 = L2 + 0.5 L1,
+  mini, L2        the same without the auxiliary LM loss (lm_coef 0),
+  scratch, L3     the same shape from a fresh draw, L3,
+  scratch, L2     ... without the auxiliary loss,
+on eight of the paper's tasks, 3 seeds each. Each cell is the mean and standard error over seeds of the
+task's metric on the split the paper reports (the best epoch chosen on the first dev split, as
+`results.json` says). A pre-trained row counts as a win on a task when it beats scratch under the same
+objective *and* the better of the two scratch rows by more than 2 standard errors of the difference: a
+win that only exists because the auxiliary loss holds scratch back does not count.
+
+Every run is `train.py` in its own process and workdir under --out, so the table is resumable: a run
+whose results.json exists is skipped, a killed one resumes from its checkpoints. It rewrites the
+"Table 5 in miniature" section of docs/finetuning.md. --layers adds Figure 2 (left) in miniature: the
+first k of 4 blocks transferred, k = 0..4, on one task, drawn to docs/layer_transfer_mini.png.
+
+    pip install -e . && GPT1_JAX_DATA=../shared/data python benchmarks/table5_mini.py --out runs/table5 --layers
+
+About 3 CPU-hours on 2 cores for the table and 1 for the curve (estimated from single runs; not yet run whole).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.doc_section import write_section  # noqa: E402
+from gpt1_jax import tasks  # noqa: E402
+
+DOC = ROOT / "docs" / "finetuning.md"
+HEADING = "## Table 5 in miniature"
+PLOT = ROOT / "docs" / "layer_transfer_mini.png"
+TASKS = ("sst2", "cola", "mrpc", "rte", "scitail", "story_cloze", "qnli", "stsb")
+ROWS = {  # name -> (init, lm_coef)
+    "mini, L3": ("mini", 0.5),
+    "mini, L2 only": ("mini", 0.0),
+    "scratch, L3": ("", 0.5),
+    "scratch, L2 only": ("", 0.0),
+}
+SEEDS = (0, 1, 2)
+LAYER_TASK = "sst2"
+
+
+def reported_split(task: str) -> str:
+    """The split the paper reports for `task` when we score it (SciTail's and Story Cloze's test), else dev."""
+    spec = tasks.TASKS[task]
+    return next((split for split in spec.paper if split in spec.eval_splits), spec.eval_splits[0])
+
+
+def run_once(workdir: pathlib.Path, task: str, init: str, lm_coef: float, seed: int, extra: tuple[str, ...] = ()
+             ) -> float:
+    """The task's primary metric x 100 on its reported split; trains unless workdir already has results.json."""
+    results = workdir / "results.json"
+    if not results.exists():
+        command = [sys.executable, str(ROOT / "train.py"), "--config", f"{ROOT / 'configs' / 'finetune.py'}:mini",
+                   "--workdir", str(workdir), f"--config.task={task}", f"--config.init={init}",
+                   f"--config.finetune.lm_coef={lm_coef}", f"--config.seed={seed}", *extra]
+        start = time.perf_counter()
+        log = workdir.parent / f"{workdir.name}.log"
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as out:
+            done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(command)} failed with exit status {done.returncode}; see {log}")
+        print(f"  {workdir}: {time.perf_counter() - start:.0f} s", flush=True)
+    saved = json.loads(results.read_text())
+    return 100 * saved["dev"][reported_split(task)][saved["metric"]]
+
+
+def mean_and_error(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n))."""
+    mean = sum(values) / len(values)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
+
+
+def is_win(ours: list[float], theirs: list[float]) -> bool:
+    """`ours` beats `theirs` by more than 2 standard errors of the difference of their means."""
+    (a, se_a), (b, se_b) = mean_and_error(ours), mean_and_error(theirs)
+    return a - b > 2 * math.hypot(se_a, se_b)
+
+
+def table(scores: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Markdown rows: one per row of ROWS, cells `mean ± se`; the average over tasks per seed as the last column."""
+    averages = {row: [sum(scores[row][t][i] for t in TASKS) / len(TASKS) for i in range(len(SEEDS))] for row in ROWS}
+    header = "| | " + " | ".join(f"{t} ({tasks.TASKS[t].primary_metric}, {reported_split(t)})" for t in TASKS)
+    lines = [header + " | average |", "|---|" + "---:|" * (len(TASKS) + 1)]
+    for row in ROWS:
+        cells = [scores[row][t] for t in TASKS] + [averages[row]]
+        lines.append(f"| {row} | " + " | ".join("%.1f ± %.1f" % mean_and_error(c) for c in cells) + " |")
+    for pretrained, objective in (("mini, L3", "scratch, L3"), ("mini, L2 only", "scratch, L2 only")):
+        wins = []
+        for t in TASKS:
+            best_scratch = max(("scratch, L3", "scratch, L2 only"), key=lambda r: mean_and_error(scores[r][t])[0])
+            wins.append(is_win(scores[pretrained][t], scores[objective][t])
+                        and is_win(scores[pretrained][t], scores[best_scratch][t]))
+        average_win = (is_win(averages[pretrained], averages[objective])
+                       and is_win(averages[pretrained], max((averages["scratch, L3"], averages["scratch, L2 only"]),
+                                                            key=lambda v: mean_and_error(v)[0])))
+        lines.append(f"| {pretrained}: win? | " + " | ".join("**yes**" if w else "no" for w in wins + [average_win])
+                     + " |")
+    return lines
+
+
+def layer_curve(out: pathlib.Path) -> dict[int, list[float]]:
+    """{k: scores over seeds} with the first k blocks (and the embeddings) of the mini model transferred, L3."""
+    return {k: [run_once(out / "layers" / f"k{k}" / f"seed{seed}", LAYER_TASK, "mini", 0.5, seed,
+                         (f"--config.finetune.transfer_layers={k}",)) for seed in SEEDS] for k in range(5)}
+
+
+def draw_layer_curve(curve: dict[int, list[float]], scratch: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(curve)
+    means, errors = zip(*(mean_and_error(curve[k]) for k in ks))
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.errorbar(ks, means, yerr=errors, marker="o", capsize=3, label="first k blocks of the mini model")
+    scratch_mean, scratch_error = mean_and_error(scratch)
+    axis.axhspan(scratch_mean - scratch_error, scratch_mean + scratch_error, color="grey", alpha=0.3,
+                 label="scratch (L3)")
+    axis.set_xlabel("layers transferred")
+    axis.set_ylabel(f"{LAYER_TASK} {tasks.TASKS[LAYER_TASK].primary_metric} (%)")
+    axis.set_xticks(ks)
+    axis.set_title("Figure 2 (left) in miniature: 3 seeds, mean ± s.e.")
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(PLOT, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="the runs' workdirs; reruns skip done runs")
+    parser.add_argument("--layers", action="store_true", help="also the layer-transfer curve (Figure 2 left)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="a subset to run now (the doc needs all)")
+    args = parser.parse_args()
+    if not os.environ.get("GPT1_JAX_DATA"):
+        parser.error("set GPT1_JAX_DATA to the data root (../shared/data here): the table runs on the local files")
+    chosen = args.tasks.split(",")
+    scores = {row: {} for row in ROWS}
+    for task in chosen:
+        for row, (init, lm_coef) in ROWS.items():
+            key = row.replace(", ", "-").replace(" ", "_")
+            scores[row][task] = [run_once(args.out / task / key / f"seed{seed}", task, init, lm_coef, seed)
+                                 for seed in SEEDS]
+            print(f"{task:12s} {row:18s} " + "%.1f ± %.1f" % mean_and_error(scores[row][task]), flush=True)
+    if set(chosen) != set(TASKS):
+        return
+    lines = table(scores)
+    print("\n".join(lines))
+    text = [HEADING, "", "Generated by `benchmarks/table5_mini.py` (its docstring has the rows and the rule for a "
+            "win); every task on the preset's 1,000 training examples (all, where fewer), 3 epochs, lr 1e-3.", "",
+            *lines]
+    if args.layers:
+        curve = layer_curve(args.out)
+        draw_layer_curve(curve, scores["scratch, L3"][LAYER_TASK])
+        text += ["", f"Layers transferred on {LAYER_TASK} (L3, 3 seeds): " + ", ".join(
+            f"{k}: %.1f ± %.1f" % mean_and_error(curve[k]) for k in sorted(curve)) +
+            f" (`{PLOT.relative_to(ROOT)}`)."]
+    write_section(HEADING, "\n".join(text), DOC)
+
+
+if __name__ == "__main__":
+    main()
