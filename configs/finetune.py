@@ -51,6 +51,9 @@ def get_config(arg=None):
         max_text_len=0,  # tokens kept per text of a pair / answer; 0: n_ctx // 2 - 2 as the released code
         eval_every=0,  # also evaluate every this many steps; 0: after each epoch only
         heldout_examples=374,  # Story Cloze (no training split): validation examples held out as dev
+        # A task whose local training file is missing (QNLI, SciTail in shared/data) trains on its first
+        # evaluation split less heldout_examples, as Story Cloze does, instead of stopping.
+        train_from_eval=False,
         heldout_seed=3535999445,  # ... chosen as the released code's train_test_split does (datasets.py)
     )
     # Your own task (task=custom): files (train and validation, optionally test) or one TFDS dataset, the

@@ -146,6 +146,33 @@ def test_story_cloze_holds_out_the_released_codes_374_stories(data_root, monkeyp
     assert [ex.uid for ex in train] == released_train and len(train) == 1497
 
 
+@pytest.mark.parametrize("task, first, n_first, scored", [("scitail", "validation", 1304, "test"),
+                                                          ("qnli", "validation", 5732, None)])
+def test_train_from_eval_trains_a_task_whose_training_file_is_missing_on_its_dev_split(
+        data_root, monkeypatch, task, first, n_first, scored):
+    """shared/data lacks QNLI's and SciTail's training sets: with finetune.train_from_eval they train on
+    their dev split less the held-out part, as Story Cloze does; without it they stop naming the file."""
+    monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
+    config, spec = tiny_config(""), tasks.get_task(task)
+    with pytest.raises(ConfigError, match=r"train.*task_source=tfds"):
+        task_inputs.train_and_evals(spec, config)
+    config.finetune.train_from_eval = True
+    train, evals = task_inputs.train_and_evals(spec, config)
+    held = config.finetune.heldout_examples
+    assert len(train) == n_first - held and len(evals[first]) == held
+    assert not {ex.uid for ex in train} & {ex.uid for ex in evals[first]}
+    if scored:
+        assert len(evals[scored]) > 0 and all(ex.label is not None for ex in evals[scored])
+
+
+def test_train_from_eval_leaves_a_task_with_its_training_file_alone(data_root, monkeypatch):
+    monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
+    config, spec = tiny_config(""), tasks.get_task("rte")
+    config.finetune.train_from_eval = True
+    train, evals = task_inputs.train_and_evals(spec, config)
+    assert len(train) == len(task_inputs.read_split(spec, "train", config)) and len(evals["validation"]) == 277
+
+
 def test_data_on_error_skips_and_counts_bad_rows_of_a_registered_task(tmp_path, monkeypatch, caplog):
     dev = tmp_path / "glue" / "RTE" / "dev.tsv"
     dev.parent.mkdir(parents=True)

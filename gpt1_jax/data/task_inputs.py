@@ -22,6 +22,7 @@ over all splits, capped at the model's n_ctx, so a run compiles one train step a
 import dataclasses
 import logging
 import os
+import pathlib
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from ml_collections import ConfigDict
 
 from gpt1_jax import tasks, vocab_files
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.data.task_readers import DataError, Example, read_task
+from gpt1_jax.data.task_readers import DataError, Example, read_task, resolve_data_root
 from gpt1_jax.tokenizer import GPT1Tokenizer
 from gpt1_jax.vocab_files import CLASSIFY_ID, DELIMITER_ID, START_ID
 
@@ -263,9 +264,25 @@ def read_split(spec: tasks.TaskSpec, split: str, config: ConfigDict) -> list[Exa
     return examples
 
 
+def _trains_on_eval_split(spec: tasks.TaskSpec, config: ConfigDict) -> bool:
+    """Whether the run trains on its first evaluation split less a held-out part: the task has no training
+    split (Story Cloze), or `finetune.train_from_eval` is set and the local training file is not on this
+    machine (QNLI and SciTail in shared/data, whose training sets are too large to be there)."""
+    if TRAIN not in spec.local and TRAIN not in spec.tfds.splits:
+        return True
+    if not config.finetune.train_from_eval or task_source(spec, config) != "local":
+        return False
+    if TRAIN not in spec.local:
+        return True
+    files = spec.local[TRAIN]
+    root = pathlib.Path("/") if all(os.path.isabs(f.path) for f in files) else resolve_data_root()
+    return not all((root / f.path).is_file() for f in files)
+
+
 def train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Example], dict[str, list[Example]]]:
     """Story Cloze has no training split: as the released code does, train on the validation set less a
     held-out part (`finetune.heldout_examples`, 374 in the released code) that stands in as "validation".
+    With `finetune.train_from_eval`, a task whose training file is missing here does the same.
 
     The split is the released one (datasets.py: sklearn's `train_test_split(..., test_size=374,
     random_state=3535999445)`): `RandomState(finetune.heldout_seed).permutation(n)`, the first 374 held
@@ -273,7 +290,7 @@ def train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Exam
     """
     evals = {split: read_split(spec, split, config) for split in spec.eval_splits
              if split in _splits(spec, task_source(spec, config))}
-    if TRAIN in spec.local or TRAIN in spec.tfds.splits:
+    if not _trains_on_eval_split(spec, config):
         return read_split(spec, TRAIN, config), evals
     first = spec.eval_splits[0]
     held = config.finetune.heldout_examples
@@ -283,7 +300,7 @@ def train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Exam
                           f"trains on its {first!r} split less that many held-out examples.")
     order = np.random.RandomState(config.finetune.heldout_seed).permutation(len(examples))
     evals[first] = [examples[i] for i in order[:held]]
-    log.info("Task %s has no training split: training on %d %s examples, %d held out.", spec.name,
+    log.info("Task %s has no training split here: training on %d %s examples, %d held out.", spec.name,
              len(examples) - held, first, held)
     return [examples[i] for i in order[held:]], evals
 
