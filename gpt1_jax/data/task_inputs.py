@@ -22,7 +22,6 @@ over all splits, capped at the model's n_ctx, so a run compiles one train step a
 import dataclasses
 import logging
 import os
-import pathlib
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -30,7 +29,7 @@ from ml_collections import ConfigDict
 
 from gpt1_jax import tasks, vocab_files
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.data.task_readers import DataError, Example, read_task, resolve_data_root
+from gpt1_jax.data.task_readers import DataError, Example, local_root, read_task
 from gpt1_jax.tokenizer import GPT1Tokenizer
 from gpt1_jax.vocab_files import CLASSIFY_ID, DELIMITER_ID, START_ID
 
@@ -274,9 +273,8 @@ def _trains_on_eval_split(spec: tasks.TaskSpec, config: ConfigDict) -> bool:
         return False
     if TRAIN not in spec.local:
         return True
-    files = spec.local[TRAIN]
-    root = pathlib.Path("/") if all(os.path.isabs(f.path) for f in files) else resolve_data_root()
-    return not all((root / f.path).is_file() for f in files)
+    root = local_root(spec, TRAIN)
+    return not all((root / f.path).is_file() for f in spec.local[TRAIN])
 
 
 def train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Example], dict[str, list[Example]]]:

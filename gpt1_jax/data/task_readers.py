@@ -402,17 +402,23 @@ _LOCAL_FORMATS: dict[str, Callable[..., ReadResult]] = {
 }
 
 
+def local_root(spec: tasks.TaskSpec, split: str, data_root: str | os.PathLike | None = None) -> pathlib.Path:
+    """The folder the local file paths of `split` are relative to: a user's own task names its files by
+    absolute path; the paper's tasks live under the data root."""
+    if all(os.path.isabs(f.path) for f in spec.local[split]):
+        return pathlib.Path("/")
+    return resolve_data_root(data_root)
+
+
 def read_local(spec: tasks.TaskSpec, split: str, data_root: str | os.PathLike | None = None,
                on_error: str = "raise") -> ReadResult:
     """The examples of `split` of a task from its local files (see `TaskSpec.local`) under the data root."""
     if split not in spec.local:
         raise DataError(f"task {spec.name!r} has no local {split!r} split (local splits: {sorted(spec.local)}); "
                         f"read it from TFDS with read_tfds (TFDS splits: {sorted(spec.tfds.splits)})")
-    files = spec.local[split]
-    # A user's own task names its files by absolute path; the paper's tasks live under the data root.
-    root = resolve_data_root(data_root) if not all(os.path.isabs(f.path) for f in files) else pathlib.Path("/")
+    root = local_root(spec, split, data_root)
     result = ReadResult([])
-    for file in files:
+    for file in spec.local[split]:
         path = root / file.path
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: task {spec.name!r} split {split!r} expects it under the "
