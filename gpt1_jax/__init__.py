@@ -2,7 +2,15 @@
 
 `gpt1_jax.GPT1` and `gpt1_jax.GPT1Config` are loaded on first use, so importing a light module (the
 config checker, the tokenizer) does not build the model's dependencies.
+
+URLs (gs://...) go through fsspec rather than TensorFlow's file system: etils.epath, which Orbax and
+this package use, chooses once per process, at its first path, so it is set here, before any import
+can make that choice (gpt1_jax/storage.py says why).
 """
+
+import os
+
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 __all__ = ["GPT1", "GPT1Config"]
 

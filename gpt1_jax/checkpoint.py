@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import shutil
 import time
 from typing import Any
@@ -29,7 +28,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from gpt1_jax import pretrained
+from gpt1_jax import pretrained, storage
 from gpt1_jax.errors import UserError
 from gpt1_jax.model import GPT1, GPT1Config
 
@@ -75,7 +74,7 @@ def _manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, as
         create=not read_only,
         cleanup_tmp_directories=not read_only,
     )
-    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+    return ocp.CheckpointManager(storage.path(directory), options=options,
                                  handler_registry=_handler_registry())
 
 
@@ -156,7 +155,7 @@ def save_pretrained(directory: str | os.PathLike, model: GPT1, *, metadata: dict
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
-    path = pathlib.Path(directory)
+    path = storage.path(directory)
     if not path.is_dir():
         return None
     with _manager(path, read_only=True) as manager:
@@ -197,7 +196,7 @@ def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tu
     the metadata records: fine-tuning again, generating or converting from it then works as from a
     pre-trained one.
     """
-    directory = pathlib.Path(pretrained.resolve(directory)).absolute()  # Orbax resolves relative paths per call
+    directory = storage.path(pretrained.resolve(directory))
     if not directory.is_dir():
         raise CheckpointError(f"Checkpoint directory {directory} does not exist (config key: init). Give a "
                               f"checkpoint folder or a shipped name: {', '.join(pretrained.SHIPPED)}.")
@@ -237,7 +236,7 @@ def _is_task_model(tree: dict) -> bool:
     return set(tree) == {"backbone", "head"}
 
 
-def _model_config(metadata: dict, file: pathlib.Path) -> GPT1Config:
+def _model_config(metadata: dict, file: storage.Path) -> GPT1Config:
     if "model_config" not in metadata:
         raise CheckpointError(f"{file} has no model_config; not a gpt1_jax checkpoint.")
     try:
@@ -279,7 +278,7 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = storage.path(directory)
         self.resumed_step: int | None = None
         self.resumed_verified = False
         self.saved_steps: list[int] = []
@@ -312,10 +311,11 @@ class TrainCheckpointer:
     def _check_space(self, step: int, arrays) -> None:
         """Refuse a save the disk has no room for, before Orbax's writer threads fail one by one on it.
 
-        Single-process runs only: with several processes each would judge its own disk, and one process
-        refusing while the others save would leave them waiting for it.
+        Single-process runs on a local disk only: with several processes each would judge its own disk,
+        and one process refusing while the others save would leave them waiting for it; a bucket has no
+        free space to ask for.
         """
-        if jax.process_count() > 1:
+        if jax.process_count() > 1 or storage.is_url(self.directory):
             return
         needed = sum(leaf.nbytes for leaf in jax.tree.leaves(arrays))
         free = shutil.disk_usage(self.directory).free

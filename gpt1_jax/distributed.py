@@ -23,12 +23,16 @@ job is such a run too; calling `initialize()` there would also restrict it to on
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
 from jax._src import clusters  # jax's launcher detectors, which have no public API
 
+from gpt1_jax import storage
 from gpt1_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed.initialize() itself
 NUM_PROCESSES_ENV = "GPT1_JAX_NUM_PROCESSES"
@@ -80,3 +84,17 @@ def initialize_from_env() -> None:
     args = initialize_args()
     if args is not None:
         jax.distributed.initialize(**args)
+
+
+def warn_if_workdir_not_shared(workdir: str | os.PathLike) -> None:
+    """With several processes and a local workdir, say (on process 0) that every host must see the same folder.
+
+    Orbax writes each host's shards of a checkpoint into the one step folder, and process 0 writes the
+    metadata and commits the step: on separate disks each host holds a part and no host can restore it.
+    The processes of one machine share its disk, but nothing here can tell one machine from several.
+    """
+    if jax.process_count() > 1 and not storage.is_url(workdir) and jax.process_index() == 0:
+        log.warning("%d processes share the local workdir %s: every host must see the same folder (NFS, Filestore, "
+                    "a GCS FUSE mount), or each keeps only its own shards of every checkpoint and none can be "
+                    "restored. On a pod slice or cluster use a bucket: --workdir gs://BUCKET/RUN.",
+                    jax.process_count(), workdir)

@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import pathlib
 from typing import Callable, Iterator
 
 import jax
@@ -48,6 +47,7 @@ from gpt1_jax import (
     metrics,
     optim,
     sharding,
+    storage,
     tasks,
     train_lib,
     workdir_guard,
@@ -298,7 +298,7 @@ def epoch_batches(data: TaskData, config: ConfigDict, epoch_steps: int, start: i
 
 def finetune(config: ConfigDict, workdir: str) -> dict:
     """Fine-tune `config.task` from `config.init`; returns the results written to `results.json`."""
-    workdir_path = pathlib.Path(workdir)
+    workdir_path = storage.path(workdir)
     spec = check_config(config)
     model_cfg, initial, description = build_params(config, spec, config.seed)
     with contextlib.ExitStack() as cleanup:
@@ -364,7 +364,7 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
         return write_results(workdir_path, config, spec, best, description, files)
 
 
-def write_predictions(eval_step, params, data, config, mesh, workdir: pathlib.Path) -> list[str]:
+def write_predictions(eval_step, params, data, config, mesh, workdir: storage.Path) -> list[str]:
     """GLUE submission files for the unlabeled test split(s): `index\\tprediction`, label names or floats."""
     spec, written = data.spec, []
     for split, (arrays, uids) in data.predict.items():
@@ -376,16 +376,17 @@ def write_predictions(eval_step, params, data, config, mesh, workdir: pathlib.Pa
         else:
             lines += [f"{uid}\t{spec.raw_labels[int(p)]}" for uid, p in zip(uids, preds)]
         if jax.process_index() == 0:
-            path = workdir / "predictions" / f"{name}.tsv"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("\n".join(lines) + "\n")
-            written.append(str(path.relative_to(workdir)))
+            written.append(f"predictions/{name}.tsv")
+            storage.write_whole(workdir / written[-1], "\n".join(lines) + "\n")
     return written
 
 
-def write_results(workdir: pathlib.Path, config, spec: tasks.TaskSpec, best: dict, description: str,
+def write_results(workdir: storage.Path, config, spec: tasks.TaskSpec, best: dict, description: str,
                   files: list[str]) -> dict:
-    """results.json and results.md: the best dev scores beside the paper's numbers (Tables 2-4)."""
+    """results.json and results.md: the best dev scores beside the paper's numbers (Tables 2-4).
+
+    Each in one write: results.json is what says a run finished (report, benchmarks), so a kill must
+    not leave part of it."""
     results = {"task": spec.name, "metric": spec.primary_metric, "metrics": list(spec.metrics), "init": config.init,
                "starting_point": description, "best_step": best["step"], "best_epoch": best["epoch"],
                "dev": best["dev"], "paper": dict(spec.paper), "labels": list(spec.raw_labels), "predictions": files,
@@ -396,7 +397,7 @@ def write_results(workdir: pathlib.Path, config, spec: tasks.TaskSpec, best: dic
         rows.append(f"| {spec.name} | {split} | {spec.primary_metric} | {100 * scores[spec.primary_metric]:.1f} | "
                     f"{'-' if paper is None else f'{paper:.1f}'} | {description} |")
     if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (workdir / "results.md").write_text("\n".join(rows) + "\n")
+        storage.write_whole(workdir / "results.md", "\n".join(rows) + "\n")
+        storage.write_whole(workdir / "results.json", json.dumps(results, indent=2) + "\n")
     log.info("Results (best at step %d):\n%s", best["step"], "\n".join(rows))
     return results

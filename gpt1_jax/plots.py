@@ -6,13 +6,15 @@ the Agg backend needs no display, so this works on TPU VMs and in CI.
 
 from __future__ import annotations
 
-import pathlib
+import io
+import os
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from gpt1_jax import storage  # noqa: E402
 from gpt1_jax.errors import UserError  # noqa: E402
 from gpt1_jax.run_log import METRICS_FILE, read_metrics  # noqa: E402
 
@@ -37,12 +39,12 @@ def _validation_keys(metrics: list[dict]) -> list[str]:
     return sorted({k for m in metrics for k in m if "/" in k})
 
 
-def plot_run(run: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Path:
+def plot_run(run: str | os.PathLike, out_dir: str | os.PathLike) -> storage.Path:
     """Write `<out_dir>/<run name>.png` with one panel per quantity over training steps.
 
     A run with nothing to draw raises PlotError rather than writing an empty figure.
     """
-    run, out_dir = pathlib.Path(run), pathlib.Path(out_dir)
+    run, out_dir = storage.path(run), storage.path(out_dir)
     if not (run / METRICS_FILE).is_file():
         raise PlotError(f"{run}: no {METRICS_FILE} to plot; pass a train.py --workdir.")
     metrics = read_metrics(run)
@@ -65,8 +67,9 @@ def plot_run(run: str | pathlib.Path, out_dir: str | pathlib.Path) -> pathlib.Pa
         axis.legend(fontsize="small")
     fig.suptitle(run.name)
     fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{run.name}.png"
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    path = out_dir / f"{run.name}.png"
+    storage.write_whole(path, png.getvalue())
     return path

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from gpt1_jax import checkpoint, config_check, optim, sharding, train_lib, workdir_guard
+from gpt1_jax import checkpoint, config_check, optim, sharding, storage, train_lib, workdir_guard
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data.lm_pipeline import LMData
 from gpt1_jax.losses import lm_loss_sum
@@ -112,7 +111,7 @@ def peak_flops(config: ConfigDict) -> float:
 
 def pretrain(config: ConfigDict, workdir: str) -> dict[str, float]:
     """Pre-train with objective L1 until `train.num_steps`; resumes from the workdir's latest checkpoint."""
-    workdir_path = pathlib.Path(workdir)
+    workdir_path = storage.path(workdir)
     config_check.check_pretrain(config)
     model_cfg = model_config(config)
     probe_names(config)  # before the workdir is claimed; the probe files are read after the corpus

@@ -9,12 +9,11 @@ draws each run's curves as PNG files; a run with nothing to draw yet is named on
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 
 from absl import flags
 
-from gpt1_jax import cli
+from gpt1_jax import cli, storage
 from gpt1_jax.errors import UserError
 from gpt1_jax.run_log import METRICS_FILE, read_metrics
 
@@ -26,7 +25,7 @@ class ReportError(UserError, ValueError):
     """A folder that is not a gpt1_jax run directory."""
 
 
-def _finetune_rows(run: pathlib.Path, results: dict) -> list[str]:
+def _finetune_rows(run: storage.Path, results: dict) -> list[str]:
     metric = results["metric"]
     rows = []
     for split, scores in results["dev"].items():
@@ -38,7 +37,7 @@ def _finetune_rows(run: pathlib.Path, results: dict) -> list[str]:
     return rows
 
 
-def _pretrain_rows(run: pathlib.Path, metrics: list[dict]) -> list[str]:
+def _pretrain_rows(run: storage.Path, metrics: list[dict]) -> list[str]:
     validation = [m for m in metrics if "val_perplexity" in m]
     if not validation:
         return [f"| {run.name} | pre-training | - | perplexity | (no validation yet) | "
@@ -48,7 +47,7 @@ def _pretrain_rows(run: pathlib.Path, metrics: list[dict]) -> list[str]:
             f"{last['val_perplexity']:.1f} | {PAPER_BOOKSCORPUS_PERPLEXITY} (BooksCorpus) | - |"]
 
 
-def rows_for(run: pathlib.Path) -> list[str]:
+def rows_for(run: storage.Path) -> list[str]:
     results_file, metrics_file = run / "results.json", run / METRICS_FILE
     if results_file.is_file():
         return _finetune_rows(run, json.loads(results_file.read_text()))
@@ -57,7 +56,7 @@ def rows_for(run: pathlib.Path) -> list[str]:
     raise ReportError(f"{run}: neither results.json nor {METRICS_FILE}; pass a train.py --workdir.")
 
 
-def render(runs: list[pathlib.Path]) -> str:
+def render(runs: list[storage.Path]) -> str:
     rows = [row for run in runs for row in rows_for(run)]
     return "\n".join(HEADER + rows) + "\n"
 
@@ -76,11 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m gpt1_jax.report RUN_DIR...` (`gpt1-report`); `argv` excludes the program name."""
     command = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.report", synopsis=SYNOPSIS, doc=__doc__,
                         positional="RUN_DIR (a train.py --workdir)")
-    runs = [pathlib.Path(run) for run in command.args]
+    runs = [storage.path(run) for run in command.args]
     args = command.flags
     table = render(runs)
     if args.out:
-        pathlib.Path(args.out).write_text(table)
+        storage.write_whole(storage.path(args.out), table)
     else:
         print(table, end="")
     if args.plots:

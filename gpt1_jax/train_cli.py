@@ -14,7 +14,6 @@ import difflib
 import functools
 import importlib.util
 import logging
-import pathlib
 import sys
 
 import jax
@@ -122,8 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         logging.getLogger("absl").addFilter(_TRACEBACKS_BEHIND_VERBOSE)
     distributed.initialize_from_env()
+    distributed.warn_if_workdir_not_shared(args.workdir)
     if jax.process_index() == 0:
-        workdir_guard.refuse_if_held(pathlib.Path(args.workdir))
+        workdir_guard.refuse_if_held(args.workdir)
     config = args.config
     if config.mode == "pretrain":
         from gpt1_jax.pretrain import pretrain

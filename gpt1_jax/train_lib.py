@@ -273,7 +273,7 @@ def run(config: ConfigDict, compiled: Compiled, state: TrainState, checkpointer:
     """
     start = int(state.step)
     final: dict[str, float] = {}
-    profiler = StepProfiler(config_check.profile_window(config), str(run_log.workdir / "tensorboard"))
+    profiler = StepProfiler(config_check.profile_window(config), run_log.tensorboard_dir)
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(StopRequest())
         batches = stack.enter_context(recipe.batches(start))
@@ -311,6 +311,7 @@ def run(config: ConfigDict, compiled: Compiled, state: TrainState, checkpointer:
                     or stop.requested or pause):
                 check_finite(state, config, checkpointer)
                 checkpointer.save(done, state.params, state.rest(), recipe.metadata)
+                run_log.sync()  # a bucket workdir's metrics reach at least this checkpoint
             if pause or stop.requested:
                 checkpointer.wait()
                 reason = f"Paused at train.stop_at={done}" if pause else f"{stop.signal_name} at step {done}"

@@ -13,6 +13,9 @@ A workdir's checkpoints, metrics and results only make sense for one run, so `cl
   learning rate would jump at the resumed step. `extend=True` accepts it and says what the
   learning rate does.
 
+A workdir on a bucket (gs://...) cannot be locked: object stores have no locks. There run.lock still
+names the run that holds it, and a start that finds it naming someone warns instead of refusing.
+
 `start_over=True` moves whatever the workdir holds into `previous-<time>/` (nothing is deleted) and
 starts from step 0, also when the config is unchanged: the user asked for a fresh run. So it must not
 stay in a command that is rerun to resume (a preemptible job's restart, a `train.stop_at` slice):
@@ -28,8 +31,6 @@ import itertools
 import json
 import logging
 import os
-import pathlib
-import shutil
 import socket
 import time
 from typing import Iterator
@@ -37,7 +38,7 @@ from typing import Iterator
 import jax
 from ml_collections import ConfigDict
 
-from gpt1_jax import checkpoint, optim
+from gpt1_jax import checkpoint, optim, storage
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.errors import UserError
 
@@ -58,7 +59,7 @@ class WorkdirError(UserError, RuntimeError):
 
 
 @contextlib.contextmanager
-def claim(workdir: pathlib.Path, config: ConfigDict) -> Iterator[None]:
+def claim(workdir: str | os.PathLike, config: ConfigDict) -> Iterator[None]:
     """Lock `workdir` for this run until the context exits, check that its previous run (if any) is one this
     config may resume (same identity; same length unless `extend`) or move it aside (`start_over`), and
     record the config.
@@ -67,7 +68,9 @@ def claim(workdir: pathlib.Path, config: ConfigDict) -> Iterator[None]:
     make the same checks, so they refuse the same launches.
     """
     main = jax.process_index() == 0
-    with _locked(workdir) if main else contextlib.nullcontext():
+    workdir = storage.path(workdir)
+    lock = _named_only if storage.is_url(workdir) else _locked
+    with lock(workdir) if main else contextlib.nullcontext():
         previous = _previous_config(workdir, config.start_over)
         current = json.loads(config.to_json_best_effort())
         if config.start_over:
@@ -84,8 +87,37 @@ def claim(workdir: pathlib.Path, config: ConfigDict) -> Iterator[None]:
 # ---------------------------------------------------------------- the lock
 
 
+def _me() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
 @contextlib.contextmanager
-def _locked(workdir: pathlib.Path) -> Iterator[None]:
+def _named_only(workdir: storage.Path) -> Iterator[None]:
+    """A bucket's run.lock: names this run while it runs and is emptied at the end, but locks nothing.
+
+    Object stores offer no lock a killed run would release, so a run.lock that names someone is either
+    a run still going or one that was killed (a preempted VM); it is taken over with a warning.
+    """
+    path = workdir / LOCK_FILE
+    try:
+        text = path.read_bytes().decode(errors="replace").strip() if path.exists() else ""
+        if text:
+            log.warning("%s names %s: a run that is still going or was killed. Object stores have no locks, so this "
+                        "run takes over; make sure only one run uses %s.", path, _describe(_parse_holder(text)),
+                        workdir)
+        storage.write_whole(path, json.dumps(_me()) + "\n")
+    except OSError as err:
+        raise _unwritable(workdir, err) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            storage.write_whole(path, "")
+
+
+@contextlib.contextmanager
+def _locked(workdir: storage.Path) -> Iterator[None]:
     """An exclusive `flock` on workdir/run.lock, which names this process while it holds it.
 
     The file is emptied on release and kept: deleting it would let a run that opened it just before
@@ -111,11 +143,9 @@ def _locked(workdir: pathlib.Path) -> Iterator[None]:
         if left:
             log.warning("Took over %s from %s, a run that ended without releasing it (killed?).", path,
                         _describe(left))
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            os.pwrite(fd, (json.dumps(_me()) + "\n").encode(), 0)
         except OSError as err:
             raise _unwritable(workdir, err) from None
         try:
@@ -126,15 +156,17 @@ def _locked(workdir: pathlib.Path) -> Iterator[None]:
         os.close(fd)  # closing the last descriptor releases the flock
 
 
-def refuse_if_held(workdir: pathlib.Path) -> None:
+def refuse_if_held(workdir: str | os.PathLike) -> None:
     """Refuse at once a workdir whose lock another run holds, before the entry point loads the training code.
 
     Importing the training stack (TensorFlow through clu, the model) takes seconds to a minute on a busy
     host; a second launch should not wait that long to hear the workdir is taken. Only a probe: `claim`
-    still takes the lock.
+    still takes the lock. A bucket has no lock to probe.
     """
+    if storage.is_url(workdir):
+        return
     try:
-        fd = os.open(workdir / LOCK_FILE, os.O_RDONLY)
+        fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDONLY)
     except OSError:
         return  # no lock file yet, or unreadable: `claim` decides
     try:
@@ -147,14 +179,17 @@ def refuse_if_held(workdir: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _in_use(workdir: pathlib.Path, fd: int) -> WorkdirError:
+def _in_use(workdir: str | os.PathLike, fd: int) -> WorkdirError:
     return WorkdirError(f"{workdir} is in use by {_describe(_holder(fd))}; wait for it or stop it (SIGTERM saves and "
                         "exits), or use another --workdir.")
 
 
 def _holder(fd: int) -> dict | None:
     """Who the lock file names ({} for text that names no one), or None when it is empty."""
-    text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    return _parse_holder(os.pread(fd, 4096, 0).decode(errors="replace").strip())
+
+
+def _parse_holder(text: str) -> dict | None:
     if not text:
         return None
     try:
@@ -170,7 +205,9 @@ def _describe(holder: dict | None) -> str:
     return f"pid {holder['pid']} on host {holder.get('host', '?')} since {holder.get('since', '?')}"
 
 
-def _unwritable(path: pathlib.Path, err: OSError) -> WorkdirError:
+def _unwritable(path: storage.Path, err: OSError) -> WorkdirError:
+    if storage.is_url(path):
+        return WorkdirError(str(storage.explain(err, path, "write the workdir")))
     return WorkdirError(f"Cannot write the workdir {path} ({err.strerror}: {err.filename or path}). Use a "
                         "--workdir on a writable disk, or make this one writable (permissions, read-only mount).")
 
@@ -178,7 +215,7 @@ def _unwritable(path: pathlib.Path, err: OSError) -> WorkdirError:
 # ---------------------------------------------------------------- the recorded config
 
 
-def _previous_config(workdir: pathlib.Path, start_over: bool) -> dict | None:
+def _previous_config(workdir: storage.Path, start_over: bool) -> dict | None:
     """The config.json of the run in `workdir`; None for none, or for an unreadable one that start_over moves aside."""
     record = workdir / RUN_CONFIG_FILE
     try:
@@ -186,6 +223,8 @@ def _previous_config(workdir: pathlib.Path, start_over: bool) -> dict | None:
     except FileNotFoundError:
         return None
     except OSError as err:
+        if storage.is_url(record):
+            raise WorkdirError(str(storage.explain(err, record, "read"))) from None
         raise WorkdirError(f"Cannot read {record} ({err.strerror}); fix its permissions or use another --workdir."
                            ) from None
     try:
@@ -210,7 +249,7 @@ def _value(values: dict, key: str):
     return values
 
 
-def _check_identity(workdir: pathlib.Path, previous: dict, current: dict) -> None:
+def _check_identity(workdir: storage.Path, previous: dict, current: dict) -> None:
     changed = [key for key in IDENTITY_KEYS if _value(previous, key) != _value(current, key)]
     if changed:
         raise ConfigError(
@@ -218,7 +257,7 @@ def _check_identity(workdir: pathlib.Path, previous: dict, current: dict) -> Non
             "values, or pass --config.start_over=True to move the old run aside and start afresh.")
 
 
-def _check_length(workdir: pathlib.Path, previous: dict, current: dict, config: ConfigDict) -> None:
+def _check_length(workdir: storage.Path, previous: dict, current: dict, config: ConfigDict) -> None:
     """Refuse (unless `extend=True`) to resume a run whose number of updates, hence its schedule, changed.
 
     A constant learning rate does not depend on the length, so it may change freely.
@@ -254,27 +293,28 @@ def _schedule_change(config: ConfigDict, previous: dict, step: int) -> str:
     return said + (f"; step {step} is already past {new_total}, so the run ends at once." if step >= new_total else ".")
 
 
-def _write_config(workdir: pathlib.Path, config: ConfigDict) -> None:
-    """config.json, replaced in one rename so a kill never leaves half of it."""
-    record = workdir / RUN_CONFIG_FILE
-    partial = record.with_name(RUN_CONFIG_FILE + ".partial")
+def _write_config(workdir: storage.Path, config: ConfigDict) -> None:
+    """config.json, in one write (storage.write_whole) so a kill never leaves half of it."""
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        partial.write_text(config.to_json_best_effort(indent=2) + "\n")
-        os.replace(partial, record)
+        storage.write_whole(workdir / RUN_CONFIG_FILE, config.to_json_best_effort(indent=2) + "\n")
     except OSError as err:
         raise _unwritable(workdir, err) from None
 
 
-def _move_aside(workdir: pathlib.Path) -> None:
-    """Move every entry but the lock and earlier set-aside runs into a new `previous-<time>[-n]/`."""
+def _move_aside(workdir: storage.Path) -> None:
+    """Move every entry but the lock and earlier set-aside runs into a new `previous-<time>[-n]/`.
+
+    On a bucket a move is a copy and a delete of each object, so it takes as long as the run's size.
+    """
+    if not workdir.exists():
+        return
     items = [p for p in workdir.iterdir() if p.name != LOCK_FILE and not p.name.startswith(ASIDE_PREFIX)]
     if not items:
         return
     try:
         aside = _new_aside_folder(workdir)
         for item in items:
-            shutil.move(str(item), aside / item.name)
+            item.rename(aside / item.name)
     except OSError as err:
         raise _unwritable(workdir, err) from None
     log.warning("start_over=True: moved the previous run in %s to %s. Take --config.start_over=True out of the "
@@ -282,13 +322,14 @@ def _move_aside(workdir: pathlib.Path) -> None:
                 aside)
 
 
-def _new_aside_folder(workdir: pathlib.Path) -> pathlib.Path:
-    """A new `previous-<time>/`, with `-2`, `-3`, ... after the time when start_over ran twice in that second."""
+def _new_aside_folder(workdir: storage.Path) -> storage.Path:
+    """A new `previous-<time>/`, with `-2`, `-3`, ... after the time when start_over ran twice in that second.
+
+    The workdir is claimed, so no other run picks a name meanwhile.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in itertools.count(1):
         aside = workdir / f"{ASIDE_PREFIX}{stamp}{f'-{n}' if n > 1 else ''}"
-        try:
-            aside.mkdir()
+        if not aside.exists():
+            aside.mkdir(parents=True, exist_ok=True)
             return aside
-        except FileExistsError:
-            continue
