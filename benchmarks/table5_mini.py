@@ -22,16 +22,19 @@ first k of 4 blocks transferred, k = 0..4, on one task, drawn to docs/layer_tran
 
     pip install -e . && GPT1_JAX_DATA=../shared/data python benchmarks/table5_mini.py --out runs/table5 --layers
 
-About 3 CPU-hours on 2 cores for the table and 1 for the curve (estimated from single runs; not yet run whole).
+About 3 hours on 2 cores (--jobs 2: two runs at a time, each on its own core) for the table and the curve.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import dataclasses
 import json
 import math
 import os
 import pathlib
+import queue
 import subprocess
 import sys
 import time
@@ -62,25 +65,62 @@ def reported_split(task: str) -> str:
     return next((split for split in spec.paper if split in spec.eval_splits), spec.eval_splits[0])
 
 
-def run_once(workdir: pathlib.Path, task: str, init: str, lm_coef: float, seed: int, extra: tuple[str, ...] = ()
-             ) -> float:
-    """The task's primary metric x 100 on its reported split; trains unless workdir already has results.json."""
-    results = workdir / "results.json"
-    if not results.exists():
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One fine-tuning run of the table: `train.py` in its own process and workdir."""
+
+    workdir: pathlib.Path
+    task: str
+    init: str
+    lm_coef: float
+    seed: int
+    extra: tuple[str, ...] = ()
+
+    def score(self) -> float:
+        """The task's primary metric x 100 on its reported split, from the run's results.json."""
+        saved = json.loads((self.workdir / "results.json").read_text())
+        return 100 * saved["dev"][reported_split(self.task)][saved["metric"]]
+
+    def train(self, core: int | None) -> None:
+        """Runs train.py (pinned to one CPU core when `core` is given) unless results.json already exists."""
+        if (self.workdir / "results.json").exists():
+            return
         command = [sys.executable, str(ROOT / "train.py"), "--config", f"{ROOT / 'configs' / 'finetune.py'}:mini",
-                   "--workdir", str(workdir), f"--config.task={task}", f"--config.init={init}",
-                   f"--config.finetune.lm_coef={lm_coef}", f"--config.seed={seed}",
-                   "--config.finetune.train_from_eval=True", *extra]
+                   "--workdir", str(self.workdir), f"--config.task={self.task}", f"--config.init={self.init}",
+                   f"--config.finetune.lm_coef={self.lm_coef}", f"--config.seed={self.seed}",
+                   "--config.finetune.train_from_eval=True", *self.extra]
         start = time.perf_counter()
-        log = workdir.parent / f"{workdir.name}.log"
-        workdir.parent.mkdir(parents=True, exist_ok=True)
+        log = self.workdir.parent / f"{self.workdir.name}.log"
+        self.workdir.parent.mkdir(parents=True, exist_ok=True)
+        pin = None if core is None else (lambda: os.sched_setaffinity(0, {core}))
         with open(log, "w") as out:
-            done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+            done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin)
         if done.returncode:
             raise SystemExit(f"{' '.join(command)} failed with exit status {done.returncode}; see {log}")
-        print(f"  {workdir}: {time.perf_counter() - start:.0f} s", flush=True)
-    saved = json.loads(results.read_text())
-    return 100 * saved["dev"][reported_split(task)][saved["metric"]]
+        print(f"  {self.workdir}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def train_all(runs: list[Run], jobs: int) -> None:
+    """Trains the runs not yet done, `jobs` at a time; with more than one job each process gets its own core.
+
+    On 2 cores two single-core processes finish more runs per hour than one process using both: this
+    model's matrices are too small for XLA's intra-op threads to keep two cores busy."""
+    pending = queue.Queue()
+    for run in runs:
+        pending.put(run)
+    cores = sorted(os.sched_getaffinity(0))
+
+    def worker(index: int) -> None:
+        while True:
+            try:
+                run = pending.get_nowait()
+            except queue.Empty:
+                return
+            run.train(None if jobs == 1 else cores[index % len(cores)])
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for finished in [pool.submit(worker, index) for index in range(jobs)]:
+            finished.result()
 
 
 def mean_and_error(values: list[float]) -> tuple[float, float]:
@@ -118,20 +158,20 @@ def table(scores: dict[str, dict[str, list[float]]]) -> list[str]:
     return lines
 
 
-def row_scores(out: pathlib.Path, task: str, row: str) -> list[float]:
-    """The scores over seeds of one row of ROWS on one task (run where not yet done)."""
+def row_runs(out: pathlib.Path, task: str, row: str) -> list[Run]:
+    """The runs over seeds of one row of ROWS on one task."""
     init, lm_coef = ROWS[row]
     folder = out / task / row.replace(", ", "-").replace(" ", "_")
-    return [run_once(folder / f"seed{seed}", task, init, lm_coef, seed) for seed in SEEDS]
+    return [Run(folder / f"seed{seed}", task, init, lm_coef, seed) for seed in SEEDS]
 
 
-def layer_curve(out: pathlib.Path) -> dict[int, list[float]]:
-    """{k: scores over seeds} with the first k blocks (and the embeddings) of the mini model transferred, L3.
+def layer_runs(out: pathlib.Path) -> dict[int, list[Run]]:
+    """{k: runs over seeds} with the first k blocks (and the embeddings) of the mini model transferred, L3.
 
     All 4 blocks is the table's "mini, L3" row on the same task, so those runs serve as k = 4."""
-    curve = {k: [run_once(out / "layers" / f"k{k}" / f"seed{seed}", LAYER_TASK, "mini", 0.5, seed,
-                          (f"--config.finetune.transfer_layers={k}",)) for seed in SEEDS] for k in range(4)}
-    return {**curve, 4: row_scores(out, LAYER_TASK, "mini, L3")}
+    curve = {k: [Run(out / "layers" / f"k{k}" / f"seed{seed}", LAYER_TASK, "mini", 0.5, seed,
+                     (f"--config.finetune.transfer_layers={k}",)) for seed in SEEDS] for k in range(4)}
+    return {**curve, 4: row_runs(out, LAYER_TASK, "mini, L3")}
 
 
 def draw_layer_curve(curve: dict[int, list[float]], scratch: list[float]) -> None:
@@ -161,15 +201,21 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, required=True, help="the runs' workdirs; reruns skip done runs")
     parser.add_argument("--layers", action="store_true", help="also the layer-transfer curve (Figure 2 left)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="a subset to run now (the doc needs all)")
+    parser.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
+                        help="runs at a time, each pinned to one core (default: 2, or 1 on a 1-core machine)")
     args = parser.parse_args()
     if not os.environ.get("GPT1_JAX_DATA"):
         parser.error("set GPT1_JAX_DATA to the data root (../shared/data here): the table runs on the local files")
     chosen = args.tasks.split(",")
-    scores = {row: {} for row in ROWS}
-    for task in chosen:
-        for row in ROWS:
-            scores[row][task] = row_scores(args.out, task, row)
-            print(f"{task:12s} {row:18s} " + "%.1f ± %.1f" % mean_and_error(scores[row][task]), flush=True)
+    unknown = sorted(set(chosen) - set(TASKS))
+    if unknown:
+        parser.error(f"--tasks: {', '.join(unknown)} not in the table; choose from {', '.join(TASKS)}")
+    runs = {(task, row): row_runs(args.out, task, row) for task in chosen for row in ROWS}
+    curve = layer_runs(args.out) if args.layers and LAYER_TASK in chosen else {}
+    train_all([run for group in [*runs.values(), *curve.values()] for run in group], args.jobs)
+    scores = {row: {task: [run.score() for run in runs[task, row]] for task in chosen} for row in ROWS}
+    for (task, row) in runs:
+        print(f"{task:12s} {row:18s} " + "%.1f ± %.1f" % mean_and_error(scores[row][task]), flush=True)
     if set(chosen) != set(TASKS):
         return
     lines = table(scores)
@@ -177,11 +223,11 @@ def main() -> None:
     text = [HEADING, "", "Generated by `benchmarks/table5_mini.py` (its docstring has the rows and the rule for a "
             "win); every task on the preset's 1,000 training examples (all, where fewer), 3 epochs, lr 1e-3.", "",
             *lines]
-    if args.layers:
-        curve = layer_curve(args.out)
-        draw_layer_curve(curve, scores["scratch, L3"][LAYER_TASK])
+    if curve:
+        curve_scores = {k: [run.score() for run in group] for k, group in curve.items()}
+        draw_layer_curve(curve_scores, scores["scratch, L3"][LAYER_TASK])
         text += ["", f"Layers transferred on {LAYER_TASK} (L3, 3 seeds): " + ", ".join(
-            f"{k}: %.1f ± %.1f" % mean_and_error(curve[k]) for k in sorted(curve)) +
+            f"{k}: %.1f ± %.1f" % mean_and_error(curve_scores[k]) for k in sorted(curve_scores)) +
             f" (`{PLOT.relative_to(ROOT)}`)."]
     write_section(HEADING, "\n".join(text), DOC)
 
