@@ -15,8 +15,10 @@ shared/data lacks the training sets of SciTail and QNLI, so those two train on t
 held-out examples (`finetune.train_from_eval`, as Story Cloze always does): SciTail is then scored on its
 labelled test set, QNLI on the 374 held-out dev pairs (the issue's "QNLI (dev)").
 
-Every run is `train.py` in its own process and workdir under --out, so the table is resumable: a run
-whose results.json exists is skipped, a killed one resumes from its checkpoints. It rewrites the
+Every run is `train.py` in its own process and workdir under --out, so the table is resumable: a killed
+run resumes from its checkpoints, and a finished one's score goes into docs/table5_mini_scores.json, which
+is committed: a run scored there is never trained again, on this machine or the next (the table takes
+longer than one working session on a laptop). Delete it when the preset or the mini model changes. It rewrites the
 "Table 5 in miniature" section of docs/finetuning.md. --layers adds Figure 2 (left) in miniature: the
 first k of 4 blocks transferred, k = 0..4, on one task, drawn to docs/layer_transfer_mini.png.
 
@@ -37,6 +39,7 @@ import pathlib
 import queue
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -48,6 +51,7 @@ from gpt1_jax import tasks  # noqa: E402
 DOC = ROOT / "docs" / "finetuning.md"
 HEADING = "## Table 5 in miniature"
 PLOT = ROOT / "docs" / "layer_transfer_mini.png"
+LEDGER = ROOT / "docs" / "table5_mini_scores.json"
 TASKS = ("sst2", "cola", "mrpc", "rte", "scitail", "story_cloze", "qnli", "stsb")
 ROWS = {  # name -> (init, lm_coef)
     "mini, L3": ("mini", 0.5),
@@ -65,25 +69,49 @@ def reported_split(task: str) -> str:
     return next((split for split in spec.paper if split in spec.eval_splits), spec.eval_splits[0])
 
 
+class Ledger:
+    """The committed scores of finished runs, {run name: score}, rewritten whole after each run."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self.scores = json.loads(path.read_text()) if path.exists() else {}
+        self.lock = threading.Lock()
+
+    def record(self, name: str, score: float) -> None:
+        with self.lock:
+            self.scores[name] = score
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(json.dumps(dict(sorted(self.scores.items())), indent=1) + "\n")
+            os.replace(partial, self.path)
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One fine-tuning run of the table: `train.py` in its own process and workdir."""
+    """One fine-tuning run of the table: `train.py` in its own process, in the workdir `out/name`."""
 
-    workdir: pathlib.Path
+    out: pathlib.Path
+    name: str
     task: str
     init: str
     lm_coef: float
     seed: int
     extra: tuple[str, ...] = ()
 
-    def score(self) -> float:
+    @property
+    def workdir(self) -> pathlib.Path:
+        return self.out / self.name
+
+    def result(self) -> float:
         """The task's primary metric x 100 on its reported split, from the run's results.json."""
         saved = json.loads((self.workdir / "results.json").read_text())
         return 100 * saved["dev"][reported_split(self.task)][saved["metric"]]
 
-    def train(self, core: int | None) -> None:
-        """Runs train.py (pinned to one CPU core when `core` is given) unless results.json already exists."""
+    def train(self, core: int | None, ledger: Ledger) -> None:
+        """Runs train.py (pinned to one CPU core when `core` is given) unless the ledger has its score."""
+        if self.name in ledger.scores:
+            return
         if (self.workdir / "results.json").exists():
+            ledger.record(self.name, self.result())
             return
         command = [sys.executable, str(ROOT / "train.py"), "--config", f"{ROOT / 'configs' / 'finetune.py'}:mini",
                    "--workdir", str(self.workdir), f"--config.task={self.task}", f"--config.init={self.init}",
@@ -97,14 +125,13 @@ class Run:
             done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pin)
         if done.returncode:
             raise SystemExit(f"{' '.join(command)} failed with exit status {done.returncode}; see {log}")
-        print(f"  {self.workdir}: {time.perf_counter() - start:.0f} s", flush=True)
+        ledger.record(self.name, self.result())
+        print(f"  {self.name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def train_all(runs: list[Run], jobs: int) -> None:
-    """Trains the runs not yet done, `jobs` at a time; with more than one job each process gets its own core.
-
-    On 2 cores two single-core processes finish more runs per hour than one process using both: this
-    model's matrices are too small for XLA's intra-op threads to keep two cores busy."""
+def train_all(runs: list[Run], jobs: int, ledger: Ledger) -> None:
+    """Trains the runs not yet scored, `jobs` at a time; with more than one job each process gets its own core,
+    so that two runs do not fight over the same two cores' threads."""
     pending = queue.Queue()
     for run in runs:
         pending.put(run)
@@ -116,7 +143,7 @@ def train_all(runs: list[Run], jobs: int) -> None:
                 run = pending.get_nowait()
             except queue.Empty:
                 return
-            run.train(None if jobs == 1 else cores[index % len(cores)])
+            run.train(None if jobs == 1 else cores[index % len(cores)], ledger)
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         for finished in [pool.submit(worker, index) for index in range(jobs)]:
@@ -161,15 +188,15 @@ def table(scores: dict[str, dict[str, list[float]]]) -> list[str]:
 def row_runs(out: pathlib.Path, task: str, row: str) -> list[Run]:
     """The runs over seeds of one row of ROWS on one task."""
     init, lm_coef = ROWS[row]
-    folder = out / task / row.replace(", ", "-").replace(" ", "_")
-    return [Run(folder / f"seed{seed}", task, init, lm_coef, seed) for seed in SEEDS]
+    folder = f'{task}/{row.replace(", ", "-").replace(" ", "_")}'
+    return [Run(out, f"{folder}/seed{seed}", task, init, lm_coef, seed) for seed in SEEDS]
 
 
 def layer_runs(out: pathlib.Path) -> dict[int, list[Run]]:
     """{k: runs over seeds} with the first k blocks (and the embeddings) of the mini model transferred, L3.
 
     All 4 blocks is the table's "mini, L3" row on the same task, so those runs serve as k = 4."""
-    curve = {k: [Run(out / "layers" / f"k{k}" / f"seed{seed}", LAYER_TASK, "mini", 0.5, seed,
+    curve = {k: [Run(out, f"layers/k{k}/seed{seed}", LAYER_TASK, "mini", 0.5, seed,
                      (f"--config.finetune.transfer_layers={k}",)) for seed in SEEDS] for k in range(4)}
     return {**curve, 4: row_runs(out, LAYER_TASK, "mini, L3")}
 
@@ -212,8 +239,9 @@ def main() -> None:
         parser.error(f"--tasks: {', '.join(unknown)} not in the table; choose from {', '.join(TASKS)}")
     runs = {(task, row): row_runs(args.out, task, row) for task in chosen for row in ROWS}
     curve = layer_runs(args.out) if args.layers and LAYER_TASK in chosen else {}
-    train_all([run for group in [*runs.values(), *curve.values()] for run in group], args.jobs)
-    scores = {row: {task: [run.score() for run in runs[task, row]] for task in chosen} for row in ROWS}
+    ledger = Ledger(LEDGER)
+    train_all([run for group in [*runs.values(), *curve.values()] for run in group], args.jobs, ledger)
+    scores = {row: {task: [ledger.scores[run.name] for run in runs[task, row]] for task in chosen} for row in ROWS}
     for (task, row) in runs:
         print(f"{task:12s} {row:18s} " + "%.1f ± %.1f" % mean_and_error(scores[row][task]), flush=True)
     if set(chosen) != set(TASKS):
@@ -224,7 +252,7 @@ def main() -> None:
             "win); every task on the preset's 1,000 training examples (all, where fewer), 3 epochs, lr 1e-3.", "",
             *lines]
     if curve:
-        curve_scores = {k: [run.score() for run in group] for k, group in curve.items()}
+        curve_scores = {k: [ledger.scores[run.name] for run in group] for k, group in curve.items()}
         draw_layer_curve(curve_scores, scores["scratch, L3"][LAYER_TASK])
         text += ["", f"Layers transferred on {LAYER_TASK} (L3, 3 seeds): " + ", ".join(
             f"{k}: %.1f ± %.1f" % mean_and_error(curve_scores[k]) for k in sorted(curve_scores)) +
