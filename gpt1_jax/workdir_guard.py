@@ -48,7 +48,9 @@ RUN_CONFIG_FILE = "config.json"
 LOCK_FILE = "run.lock"
 ASIDE_PREFIX = "previous-"
 # Keys that define what a workdir's checkpoints are; changing them mid-run would mix two runs.
-IDENTITY_KEYS = ("mode", "model", "data.source", "seed", "optimizer", "train.batch_size", "task", "custom", "init")
+IDENTITY_KEYS = ("mode", "model", "data.source", "seed", "optimizer", "train.batch_size", "task", "custom", "init",
+                 # fine-tuning's objective and which examples it trains on
+                 "finetune.lm_coef", "finetune.train_from_eval", "finetune.heldout_examples", "finetune.heldout_seed")
 # Keys that set a run's number of updates, which its learning-rate schedule spans (finetune.py: updates
 # = epochs x (training examples // batch)).
 LENGTH_KEYS = {"pretrain": ("train.num_steps",), "finetune": ("finetune.epochs", "finetune.max_train_examples")}

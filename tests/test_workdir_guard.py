@@ -93,6 +93,8 @@ def test_same_identity_may_change_other_keys(tmp_path):
     (tiny_pretrain.get_config, "train.batch_size", 32, "train.batch_size"),
     (finetune.get_config, "task", "rte", "task"),
     (finetune.get_config, "init", "gs://bucket/run/checkpoints", "init"),
+    (finetune.get_config, "finetune.lm_coef", 0.0, "finetune.lm_coef"),
+    (finetune.get_config, "finetune.train_from_eval", True, "finetune.train_from_eval"),
 ])
 def test_another_identity_is_refused_naming_the_key_and_leaving_the_workdir(tmp_path, recipe, key, value, named):
     workdir = claimed_workdir(tmp_path / "run", recipe())
