@@ -197,7 +197,11 @@ def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tu
     pre-trained one.
     """
     directory = storage.path(pretrained.resolve(directory))
-    if not directory.is_dir():
+    try:
+        found = storage.is_dir(directory)
+    except OSError as err:  # a bucket that refuses this machine, or cannot be reached
+        raise CheckpointError(str(storage.explain(err, directory, "read the checkpoint"))) from err
+    if not found:
         raise CheckpointError(f"Checkpoint directory {directory} does not exist (config key: init). Give a "
                               f"checkpoint folder or a shipped name: {', '.join(pretrained.SHIPPED)}.")
     with _manager(directory, read_only=True) as manager:
@@ -303,9 +307,7 @@ class TrainCheckpointer:
                 params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
                 metadata=ocp.args.JsonSave({**metadata, CHECKSUMS: sums})), force=True)
         except Exception as err:  # noqa: BLE001 - Orbax wraps OS errors in its own types
-            raise CheckpointError(f"Writing checkpoint step {step} to {self.directory} failed: {err}. "
-                                  "Earlier checkpoints are untouched; free space or fix permissions and rerun."
-                                  ) from err
+            raise self._save_failed(f"checkpoint step {step}", err) from err
         self.saved_steps.append(step)
 
     def _check_space(self, step: int, arrays) -> None:
@@ -374,8 +376,14 @@ class TrainCheckpointer:
         except Exception as err:  # noqa: BLE001 - errors of the asynchronous save surface here
             # The failed step is no longer one this run saved; none is listed when `save` itself raised.
             what = f"checkpoint step {self.saved_steps.pop()}" if self.saved_steps else "a checkpoint"
-            raise CheckpointError(f"Writing {what} to {self.directory} failed: {err}. Earlier checkpoints are "
-                                  "untouched; free space or fix permissions and rerun.") from err
+            raise self._save_failed(what, err) from err
+
+    def _save_failed(self, what: str, err: Exception) -> CheckpointError:
+        """One line: the step, the directory, the cause, and what to do on a disk or on a bucket."""
+        cause = " ".join(str(err).split())[:300]
+        remedy = (storage.remedy(err) if storage.is_url(self.directory) else "free space or fix permissions")
+        return CheckpointError(f"Writing {what} to {self.directory} failed: {cause}. Earlier checkpoints are "
+                               f"untouched; {remedy}, then rerun.")
 
     def close(self) -> None:
         """Wait for the last save, then close the manager even if that save failed (its error is raised after).

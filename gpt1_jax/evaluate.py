@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from gpt1_jax import cli, pretrain
+from gpt1_jax import cli, pretrain, storage
 from gpt1_jax.data import lm_batches, lm_pipeline, text_sources, token_cache
 from gpt1_jax.model import GPT1
 from gpt1_jax.tokenizer import GPT1Tokenizer
@@ -56,8 +56,10 @@ def training_tokens(metadata: dict, tokenizer: GPT1Tokenizer) -> np.ndarray | No
     try:
         source = text_sources.make_source(data["source"], data_dir=data.get("tfds_data_dir") or None,
                                           process_index=0, process_count=1)
-        path = os.path.join(data.get("cache_dir") or lm_pipeline.default_cache_dir(),
-                            token_cache.cache_key(source.identity, tokenizer.fingerprint))
+        cache_dir = data.get("cache_dir") or lm_pipeline.default_cache_dir()
+        if storage.is_url(cache_dir):  # a bucket cache is read through each host's local copy
+            cache_dir = lm_pipeline.default_cache_dir()
+        path = os.path.join(cache_dir, token_cache.cache_key(source.identity, tokenizer.fingerprint))
         train, _ = token_cache.TokenCache.load(path).split(data.get("val_fraction", 0.01))
     except (ValueError, OSError, token_cache.InvalidCacheError):
         return None  # the training data is elsewhere (another machine, TFDS not prepared here)

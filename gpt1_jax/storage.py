@@ -58,19 +58,39 @@ def write_whole(target: epath.Path, data: str | bytes) -> None:
     os.replace(partial, target)
 
 
+def is_dir(location: epath.Path) -> bool:
+    """Whether `location` is a folder; an OSError, not False, when a bucket refuses access or cannot be reached.
+
+    gcsfs answers an `isdir` it was refused with False, which would read as "does not exist"; listing
+    the folder raises what really happened.
+    """
+    if location.is_dir():
+        return True
+    if is_url(location):
+        try:
+            next(iter(location.iterdir()), None)
+        except FileNotFoundError:
+            return False
+    return False
+
+
 def explain(err: Exception, location: str | os.PathLike, doing: str) -> StorageError:
-    """One line naming `location` for an error of an object store or a disk, with what to do.
+    """One line naming `location` for an error of an object store or a disk, with what to do."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())  # one line, whatever the server's message holds
+    return StorageError(f"Cannot {doing} {location}: {remedy(err)} ({text[:300]}).")
+
+
+def remedy(err: Exception) -> str:
+    """What to do about `err`, judged from its type and text.
 
     gcsfs raises FileNotFoundError for a missing bucket or object, OSError("Forbidden") or a
-    PermissionError for a refused one; a network failure arrives as an aiohttp or OSError.
+    PermissionError for a refused one; a network failure arrives as an aiohttp or OSError; TensorStore's
+    (Orbax's arrays) errors carry the HTTP status in their text.
     """
-    text = f"{type(err).__name__}: {err}"
-    lowered = text.lower()
+    lowered = f"{type(err).__name__}: {err}".lower()
     if isinstance(err, PermissionError) or "forbidden" in lowered or "permission" in lowered or " 403" in lowered:
-        hint = ("access was refused: give this machine's credentials (its service account, or "
+        return ("access was refused: give this machine's credentials (its service account, or "
                 "`gcloud auth application-default login`) read and write access to the bucket")
-    elif isinstance(err, FileNotFoundError) or "not found" in lowered or "nosuchbucket" in lowered:
-        hint = "it does not exist: check the bucket name, or create it (gcloud storage buckets create)"
-    else:
-        hint = "the store could not be reached or failed: check the network and rerun (finished checkpoints are kept)"
-    return StorageError(f"Cannot {doing} {location}: {hint} ({text[:300]}).")
+    if isinstance(err, FileNotFoundError) or "not found" in lowered or "nosuchbucket" in lowered:
+        return "it does not exist: check the bucket name, or create it (gcloud storage buckets create)"
+    return "the store could not be reached or failed: check the network"
