@@ -20,6 +20,12 @@ def test_missing_files_and_unset_data_root_name_the_config(tmp_path, monkeypatch
         text_sources.make_source("local:corpus/gutenberg/*.txt")
 
 
+def test_a_bucket_glob_must_name_its_bucket_without_wildcards():
+    """Refused before any request: a wildcard in the bucket would have to list every bucket of the project."""
+    with pytest.raises(text_sources.CorpusError, match=r"name the bucket without wildcards \(gs://BUCKET/"):
+        text_sources.make_source("files:gs://books-*/novels/*.txt", process_index=0, process_count=1)
+
+
 def test_clean_text_removes_bom_crlf_and_counts_invalid_bytes(caplog):
     raw = b"\xef\xbb\xbfline one\r\nline \xff\xfe two\r\n" + b"plain text\n" * 20  # 2 of 245 characters bad
     with caplog.at_level(logging.WARNING):

@@ -15,8 +15,10 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
+from gpt1_jax import storage
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import lm_batches, text_sources, token_cache
 from gpt1_jax.tokenizer import GPT1Tokenizer
@@ -50,7 +52,17 @@ class LMData:
             raise ConfigError(
                 f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {ids:,} ids: larger ids "
                 f"would index past the token table. Set model.vocab_size to at least {ids}.")
-        cache = token_cache.TokenCache.load_or_build(source, tokenizer, config.data.cache_dir or default_cache_dir())
+        cache_dir = config.data.cache_dir or default_cache_dir()
+        if storage.is_url(cache_dir):
+            # A sharded source gives each process its own key, which it writes; otherwise process 0 writes
+            # the one key and the others wait for it.
+            together = processes > 1 and not shard
+            cache = token_cache.TokenCache.load_or_build_shared(
+                source, tokenizer, cache_dir, default_cache_dir(), writes=shard or index == 0,
+                wait_for_writer=(lambda: multihost_utils.sync_global_devices("token cache uploaded")) if together
+                else None)
+        else:
+            cache = token_cache.TokenCache.load_or_build(source, tokenizer, cache_dir)
         train_tokens, val_tokens = cache.split(config.data.val_fraction)
         local_batch = config.train.batch_size // processes
         eval_local = config.train.eval_batch_size // processes

@@ -11,7 +11,8 @@ config point ``data.source`` at any comparable corpus instead:
     several (wikipedia, c4). ``data_dir`` (e.g. a ``gs://`` bucket of prepared datasets) is passed
     to ``tfds.builder``.
 ``files:<glob>`` or a plain path/glob
-    Local UTF-8 text files, one document per file.
+    UTF-8 text files, one document per file: local, or in a bucket (``files:gs://bucket/books/*.txt``;
+    on a bucket ``**`` is refused, since it would list every object below).
 ``local:<relative glob>``
     A glob relative to ``$GPT1_JAX_DATA`` (a folder laid out like ``shared/data``), e.g.
     ``local:corpus/gutenberg/*.txt``.
@@ -42,6 +43,7 @@ from typing import Protocol
 
 import jax
 
+from gpt1_jax import storage
 from gpt1_jax.errors import UserError
 from gpt1_jax.vocab_files import DATA_ENV
 
@@ -171,7 +173,7 @@ def _process_share(process_index: int | None, process_count: int | None) -> tupl
 
 
 class FileCorpus:
-    """Local text files matching a glob, one document per file, this process's share only."""
+    """Text files matching a glob (local or a bucket URL), one document per file, this process's share only."""
 
     def __init__(
         self,
@@ -182,10 +184,12 @@ class FileCorpus:
         allow_replacement: bool = False,
     ):
         self.allow_replacement = allow_replacement
-        self.pattern = os.path.realpath(os.path.expanduser(pattern))  # one cache key however it is spelt
+        self.remote = storage.is_url(pattern)
+        # One cache key however a local pattern is spelt.
+        self.pattern = pattern if self.remote else os.path.realpath(os.path.expanduser(pattern))
         self.process_index, self.process_count = _process_share(process_index, process_count)
-        all_files = sorted(glob.glob(self.pattern, recursive=True))
-        all_files = [f for f in all_files if os.path.isfile(f)]
+        all_files = _glob_url(self.pattern) if self.remote else sorted(glob.glob(self.pattern, recursive=True))
+        all_files = [f for f in all_files if (storage.path(f).is_file() if self.remote else os.path.isfile(f))]
         if not all_files:
             raise CorpusError(f"data.source: no files match {self.pattern!r}.")
         if len(all_files) < self.process_count:
@@ -199,7 +203,10 @@ class FileCorpus:
 
     @property
     def identity(self) -> str:
-        stats = [(f, st.st_size, st.st_mtime_ns) for f, st in ((f, os.stat(f)) for f in self.files)]
+        if self.remote:
+            stats = [(f, st.length, st.mtime) for f, st in ((f, storage.path(f).stat()) for f in self.files)]
+        else:
+            stats = [(f, st.st_size, st.st_mtime_ns) for f, st in ((f, os.stat(f)) for f in self.files)]
         return (
             f"files:{self.pattern}|clean=v{CLEANING_VERSION}"
             f"|process={self.process_index}/{self.process_count}|{stats}"
@@ -211,8 +218,25 @@ class FileCorpus:
 
     def __iter__(self) -> Iterator[str]:
         for path in self.files:
-            with open(path, "rb") as f:
+            with storage.path(path).open("rb") as f:
                 yield clean_text(f.read(), name=path, allow_replacement=self.allow_replacement)
+
+
+def _glob_url(pattern: str) -> list[str]:
+    """The objects matching a bucket glob (`gs://b/books/*.txt`), sorted; a CorpusError names what failed."""
+    parts = pattern.split("/")
+    first = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    if first < 3:
+        raise CorpusError(f"data.source {pattern!r}: name the bucket without wildcards (gs://BUCKET/books/*.txt).")
+    base, rest = "/".join(parts[:first]), "/".join(parts[first:])
+    try:
+        if not rest:
+            return [base] if storage.path(base).exists() else []
+        return sorted(os.fspath(p) for p in storage.path(base).glob(rest))
+    except NotImplementedError as err:  # epath refuses `**` on object stores
+        raise CorpusError(f"data.source {pattern!r}: {err}") from None
+    except OSError as err:
+        raise CorpusError(str(storage.explain(err, base, "list"))) from None
 
 
 class TfdsCorpus:

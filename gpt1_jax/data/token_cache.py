@@ -21,11 +21,13 @@ with other keys are left alone.
 from __future__ import annotations
 
 import array
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import pathlib
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,6 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import tqdm
 
+from gpt1_jax import storage
 from gpt1_jax.data.text_sources import TextSource
 
 FORMAT_VERSION = 1
@@ -163,6 +166,45 @@ class TokenCache:
             return cls._publish(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load_or_build_shared(cls, source: TextSource, tokenizer: Tokenizer, bucket_dir: str, local_dir: str, *,
+                             writes: bool, wait_for_writer=None) -> TokenCache:
+        """The cache for (source, tokenizer) kept in a bucket (`data.cache_dir=gs://...`), read from a local copy.
+
+        A memory map needs a local file, so the bucket is a store the hosts share: the process that
+        `writes` (process 0, or every process for its own share of a sharded source) builds the cache
+        locally and uploads it once, meta.json last, so a key without meta.json is never taken for a
+        cache. Every process then calls `wait_for_writer` (a barrier, when several share one key),
+        and one without a local copy that verifies downloads the cache, verified as any cache is.
+        """
+        key = cache_key(source.identity, tokenizer.fingerprint)
+        local, remote = os.path.join(local_dir, key), storage.path(bucket_dir) / key
+        cache = None
+        if os.path.exists(local):
+            with contextlib.suppress(InvalidCacheError):
+                cache = cls.load(local)
+        try:
+            if writes and not (remote / _META).exists():
+                cache = cache or cls.load_or_build(source, tokenizer, local_dir)
+                for name in (_TOKENS, _DOC_STARTS, _META):
+                    storage.write_whole(remote / name, pathlib.Path(local, name).read_bytes())
+                log.info("Token cache uploaded to %s", remote)
+            if wait_for_writer:
+                wait_for_writer()
+            if cache is not None:
+                return cache
+            os.makedirs(local_dir, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=local_dir)
+            try:
+                for name in (_TOKENS, _DOC_STARTS, _META):
+                    pathlib.Path(tmp, name).write_bytes((remote / name).read_bytes())
+                log.info("Token cache %s copied to %s", remote, local)
+                return cls._publish(tmp, local)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as err:
+            raise storage.explain(err, remote, "use the token cache") from err
 
     @staticmethod
     def _write(
