@@ -76,3 +76,21 @@ def test_an_incomplete_launch_by_hand_names_what_to_set(initialize_calls, monkey
     with pytest.raises(distributed.LaunchError, match=re.escape(missing)) as error:
         distributed.initialize_from_env()
     assert "JAX_COORDINATOR_ADDRESS=host:port" in str(error.value) and initialize_calls == []
+
+
+@pytest.mark.parametrize("processes, index, workdir, warned", [
+    (2, 0, "runs/pod", True),  # several hosts would each keep only their own shards
+    (2, 1, "runs/pod", False),  # said once, by process 0
+    (2, 0, "gs://bucket/pod", False),  # a bucket is shared by construction
+    (1, 0, "runs/pod", False),
+])
+def test_several_processes_on_a_local_workdir_are_told_every_host_must_share_it(monkeypatch, caplog, processes,
+                                                                               index, workdir, warned):
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    with caplog.at_level("WARNING", logger=distributed.__name__):
+        distributed.warn_if_workdir_not_shared(workdir)
+    said = [r.getMessage() for r in caplog.records if "every host must see the same folder" in r.getMessage()]
+    assert bool(said) == warned, said
+    if warned:
+        assert "runs/pod" in said[0] and "gs://BUCKET/RUN" in said[0]
