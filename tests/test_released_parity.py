@@ -276,6 +276,7 @@ def test_three_updates_match_the_released_optimizer_and_schedule(setup):
         lrs.append(float(metrics["lr"]))
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(6.25e-5 * 0.5 * (1 - 1 / TOTAL_UPDATES), rel=1e-6)
     ours = release_layout(jax.device_get(state.params), setup["seq"])
+    initial_grads = ref.gradients(setup["xmb"], setup["mmb"], setup["ymb"], 0.5)  # before adam_steps moves them
     expected = ref.adam_steps(setup["xmb"], setup["mmb"], setup["ymb"], lm_coef=0.5, steps=3, opt=config.optimizer)
     for name, want in expected.items():
         if name == ZERO_GRADIENT:
@@ -284,5 +285,12 @@ def test_three_updates_match_the_released_optimizer_and_schedule(setup):
         # Three float32 additions to a stored value each round by up to half a unit in the last place: 1e-3 of
         # an update of ~1e-4 is below one ulp of a LayerNorm gain near 1 (6e-8), so that rounding is allowed.
         rounding = 1.5 * np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+        # Our float32 gradients round off by ~1e-5 of a tensor's typical gradient (the test above bounds it in
+        # norm). Adam divides each element's step by that element's own gradient, so an element whose gradient
+        # is far below typical (a sign about to flip) takes that round-off into its step magnified by rms/|g|:
+        # one such element of an MLP projection is 1.04e-3 of the largest update on some CPUs. Capped at 10%,
+        # so a wrong schedule, bias correction or eps placement (each off by far more) still fails everywhere.
+        grad = np.abs(initial_grads[name])
+        magnified = np.minimum(1e-5 * np.sqrt(np.mean(grad ** 2)) / np.maximum(grad, 1e-30), 0.1)
         assert update > 0, name
-        assert np.all(np.abs(ours[name] - want) <= 1e-3 * update + rounding), name
+        assert np.all(np.abs(ours[name] - want) <= (1e-3 + magnified) * update + rounding), name
