@@ -17,6 +17,7 @@ give the same ids:
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import hashlib
 import itertools
 import json
@@ -44,6 +45,12 @@ PIPELINE_VERSION = f"gpt1-bpe/2 ftfy={ftfy.__version__} spacy={spacy.__version__
 # Batches below this many characters are encoded in-process: starting workers (each imports spaCy and
 # loads the vocabulary, ~1 s) costs more than it saves on a 2-core machine.
 MIN_PARALLEL_CHARS = 2_000_000
+
+# Tokenizer workers are spawned, so each imports the main script again: one without an `if __name__ ==
+# "__main__":` guard starts its whole job over in every worker, and Python stops that child at once.
+WORKERS_DIED = ("The tokenizer's worker processes stopped (the lines above say why). Workers are started with "
+                "'spawn' and import your main script again: if it runs its work at the top level, put that under "
+                "`if __name__ == \"__main__\":`. A crash of a worker with no such cause is a bug: please report it.")
 
 # Entries per memo (chunks, words), ~200 bytes each; caches only pay off for repeats, so they start over
 # rather than grow without bound on huge corpora.
@@ -239,12 +246,18 @@ class GPT1Tokenizer:
         return list(results)
 
     def _encode_parallel(self, texts: list[str], workers: int) -> Iterator[list[int]]:
-        # "spawn" because callers typically have JAX (and its threads) loaded, where fork can deadlock.
+        # "spawn" because callers typically have JAX (and its threads) loaded, where fork can deadlock. An
+        # executor rather than multiprocessing.Pool: when workers die at start-up, a Pool starts new ones
+        # forever and the caller waits forever; the executor raises.
         chunk = max(1, min(256, len(texts) // (workers * 8)))
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_init_worker, initargs=(str(self._vocab_dir) if self._vocab_dir else None,))
+        pool = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+            initargs=(str(self._vocab_dir) if self._vocab_dir else None,))
         with pool:
-            yield from pool.imap(_worker_encode, texts, chunksize=chunk)
+            try:
+                yield from pool.map(_worker_encode, texts, chunksize=chunk)
+            except concurrent.futures.process.BrokenProcessPool as err:
+                raise RuntimeError(WORKERS_DIED) from err
 
     def encode_file(self, path: str | os.PathLike) -> list[int]:
         """Encodes a whole text file as one text.

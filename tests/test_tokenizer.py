@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -220,6 +222,18 @@ def test_batch_equals_single_and_parallel(tok):
     assert tok.encode_batch(texts, num_workers=1) == single
     parallel = list(tok._encode_parallel(texts, 2))
     assert parallel == single
+
+
+def test_workers_that_die_at_start_up_stop_the_script_with_what_to_do(tmp_path):
+    """A script with no `__main__` guard re-runs itself in each spawned worker, which Python stops at once: the
+    caller gets an error saying so, where a multiprocessing.Pool would start new workers forever."""
+    script = tmp_path / "unguarded.py"
+    script.write_text("from gpt1_jax.tokenizer import GPT1Tokenizer\n"
+                      f"tok = GPT1Tokenizer.from_files({str((_data_root() / 'gpt1_vocab').resolve())!r})\n"
+                      "print(list(tok._encode_parallel(['one text', 'and another'], 2)))\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert 'put that under `if __name__ == "__main__":`' in result.stderr.splitlines()[-1], result.stderr[-3000:]
 
 
 @settings(max_examples=100, deadline=2000)
