@@ -20,7 +20,8 @@ run resumes from its checkpoints, and a finished one's score goes into docs/tabl
 is committed: a run scored there is never trained again, on this machine or the next (the table takes
 longer than one working session on a laptop). Delete it when the preset or the mini model changes. It rewrites the
 "Table 5 in miniature" section of docs/finetuning.md. --layers adds Figure 2 (left) in miniature: the
-first k of 4 blocks transferred, k = 0..4, on one task, drawn to docs/layer_transfer_mini.png.
+first k of 4 blocks transferred, k = 0..4, on one task, run first and drawn to docs/layer_transfer_mini.png
+as soon as its runs are scored (`--tasks sst2 --layers` runs just those).
 
     pip install -e . && GPT1_JAX_DATA=../shared/data python benchmarks/table5_mini.py --out runs/table5 --layers
 
@@ -164,26 +165,28 @@ def is_win(ours: list[float], theirs: list[float]) -> bool:
     return a - b > 2 * math.hypot(se_a, se_b)
 
 
-def table(scores: dict[str, dict[str, list[float]]]) -> list[str]:
-    """Markdown rows: one per row of ROWS, cells `mean ± se`; the average over tasks per seed as the last column."""
-    averages = {row: [sum(scores[row][t][i] for t in TASKS) / len(TASKS) for i in range(len(SEEDS))] for row in ROWS}
-    header = "| | " + " | ".join(f"{t} ({tasks.TASKS[t].primary_metric}, {reported_split(t)})" for t in TASKS)
-    lines = [header + " | average |", "|---|" + "---:|" * (len(TASKS) + 1)]
+def table(scores: dict[str, dict[str, list[float]]], done: list[str]) -> list[str]:
+    """Markdown rows over the tasks in `done`: one per row of ROWS, cells `mean ± se`, then a "win?" row per
+    pre-trained row; the average over tasks (per seed) is a column once every task is done."""
+    complete = len(done) == len(TASKS)
+    averages = {row: [sum(scores[row][t][i] for t in TASKS) / len(TASKS) for i in range(len(SEEDS))]
+                for row in ROWS} if complete else {}
+    header = "| | " + " | ".join(f"{t} ({tasks.TASKS[t].primary_metric}, {reported_split(t)})" for t in done)
+    lines = [header + (" | average |" if complete else " |"), "|---|" + "---:|" * (len(done) + complete)]
     for row in ROWS:
-        cells = [scores[row][t] for t in TASKS] + [averages[row]]
+        cells = [scores[row][t] for t in done] + ([averages[row]] if complete else [])
         lines.append(f"| {row} | " + " | ".join("%.1f ± %.1f" % mean_and_error(c) for c in cells) + " |")
     for pretrained, objective in (("mini, L3", "scratch, L3"), ("mini, L2 only", "scratch, L2 only")):
-        wins = []
-        for t in TASKS:
-            best_scratch = max(("scratch, L3", "scratch, L2 only"), key=lambda r: mean_and_error(scores[r][t])[0])
-            wins.append(is_win(scores[pretrained][t], scores[objective][t])
-                        and is_win(scores[pretrained][t], scores[best_scratch][t]))
-        average_win = (is_win(averages[pretrained], averages[objective])
-                       and is_win(averages[pretrained], max((averages["scratch, L3"], averages["scratch, L2 only"]),
-                                                            key=lambda v: mean_and_error(v)[0])))
-        lines.append(f"| {pretrained}: win? | " + " | ".join("**yes**" if w else "no" for w in wins + [average_win])
-                     + " |")
+        columns = [{row: scores[row][t] for row in ROWS} for t in done] + ([averages] if complete else [])
+        wins = [counts_as_win(column, pretrained, objective) for column in columns]
+        lines.append(f"| {pretrained}: win? | " + " | ".join("**yes**" if w else "no" for w in wins) + " |")
     return lines
+
+
+def counts_as_win(column: dict[str, list[float]], pretrained: str, objective: str) -> bool:
+    """The pre-trained row beats scratch under the same objective and the better scratch row (by mean)."""
+    best_scratch = max(("scratch, L3", "scratch, L2 only"), key=lambda row: mean_and_error(column[row])[0])
+    return is_win(column[pretrained], column[objective]) and is_win(column[pretrained], column[best_scratch])
 
 
 def row_runs(out: pathlib.Path, task: str, row: str) -> list[Run]:
@@ -231,7 +234,12 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help="a subset to run now (the doc needs all)")
     parser.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
                         help="runs at a time, each pinned to one core (default: 2, or 1 on a 1-core machine)")
+    parser.add_argument("--doc-only", action="store_true",
+                        help="train nothing: rewrite the doc section (and the curve) from the committed scores")
     args = parser.parse_args()
+    if args.doc_only:
+        write_doc(Ledger(LEDGER), layer_runs(args.out) if args.layers else {})
+        return
     if not os.environ.get("GPT1_JAX_DATA"):
         parser.error("set GPT1_JAX_DATA to the data root (../shared/data here): the table runs on the local files")
     chosen = args.tasks.split(",")
@@ -241,25 +249,45 @@ def main() -> None:
     runs = {(task, row): row_runs(args.out, task, row) for task in chosen for row in ROWS}
     curve = layer_runs(args.out) if args.layers and LAYER_TASK in chosen else {}
     ledger = Ledger(LEDGER)
-    train_all([run for group in [*runs.values(), *curve.values()] for run in group], args.jobs, ledger)
-    scores = {row: {task: [ledger.scores[run.name] for run in runs[task, row]] for task in chosen} for row in ROWS}
-    for (task, row) in runs:
-        print(f"{task:12s} {row:18s} " + "%.1f ± %.1f" % mean_and_error(scores[row][task]), flush=True)
-    if set(chosen) != set(TASKS):
-        return
-    lines = table(scores)
-    print("\n".join(lines))
-    text = [HEADING, "", "Generated by `benchmarks/table5_mini.py` (its docstring has the rows and the rule for a "
-            "win); every task on the preset's 1,000 training examples (all, where fewer), 3 epochs, lr 1e-3.", "",
-            *lines]
-    if curve:
-        curve_scores = {k: [ledger.scores[run.name] for run in group] for k, group in curve.items()}
-        draw_layer_curve(curve_scores, scores["scratch, L3"][LAYER_TASK])
+    # The curve first: its runs are short (one task), and the figure is complete once they are.
+    train_all([run for group in [*curve.values(), *runs.values()] for run in group], args.jobs, ledger)
+    for (task, row), group in runs.items():
+        print(f"{task:12s} {row:18s} " + "%.1f ± %.1f" % mean_and_error([ledger.scores[r.name] for r in group]))
+    write_doc(ledger, layer_runs(args.out) if args.layers else {})
+
+
+def write_doc(ledger: Ledger, curve: dict[int, list[Run]]) -> None:
+    """The doc section from the ledger: the tasks whose runs are all scored, and the layer curve (drawn to
+    PLOT) once its runs are; while tasks remain, it says so and how to go on."""
+    everything = {(task, row): row_runs(pathlib.Path(), task, row) for task in TASKS for row in ROWS}
+    scored = {key: [ledger.scores.get(run.name) for run in group] for key, group in everything.items()}
+    done = [task for task in TASKS if all(None not in scored[task, row] for row in ROWS)]
+    scores = {row: {task: scored[task, row] for task in done} for row in ROWS}
+    if len(done) == len(TASKS):
+        text = [HEADING, "", "Generated by `benchmarks/table5_mini.py` (its docstring has the rows and the rule for "
+                "a win); every task on the preset's 1,000 training examples (all, where fewer), 3 epochs, lr 1e-3.",
+                "", *table(scores, done)]
+    else:
+        runs_done = sum(None not in values for values in scored.values())
+        text = [HEADING, "", f"Not complete yet: {runs_done} of {len(everything)} (task, row) cells have all "
+                f"{len(SEEDS)} seeds. `benchmarks/table5_mini.py` runs the rest (4 rows x 8 tasks x 3 seeds, plus "
+                "the layer curve) and rewrites this part, the table growing as tasks complete:", "",
+                "    GPT1_JAX_DATA=../shared/data python benchmarks/table5_mini.py --out runs/table5 --layers", "",
+                "It takes longer than a working session on 2 cores: a run on the short-sentence tasks takes 2-8 "
+                "minutes, one with L3 on MRPC's sentence pairs 20-35. Each finished run's score goes into "
+                "`docs/table5_mini_scores.json`, which is committed, so the next machine goes on where this one "
+                "stopped. Generated from it (3 seeds each, mean ± standard error, same settings in every row: "
+                "1,000 training examples, 3 epochs, lr 1e-3; Matthews correlation x 100 as every cell):"]
+        text += ["", *table(scores, done)] if done else []
+    curve_scores = {k: [ledger.scores.get(run.name) for run in group] for k, group in curve.items()}
+    if curve_scores and all(None not in values for values in curve_scores.values()):
+        draw_layer_curve(curve_scores, [ledger.scores[run.name] for run in row_runs(pathlib.Path(), LAYER_TASK,
+                                                                                      "scratch, L3")])
         text += ["", f"Layers transferred on {LAYER_TASK} (L3, 3 seeds): " + ", ".join(
             f"{k}: %.1f ± %.1f" % mean_and_error(curve_scores[k]) for k in sorted(curve_scores)) +
             f" (`{PLOT.relative_to(ROOT)}`)."]
-    write_section(HEADING, "\n".join(text), DOC)
-
+    print("\n".join(text))
+    write_section(HEADING, "\n".join(text) + "\n", DOC)  # a blank line before the hand-written subsections
 
 if __name__ == "__main__":
     main()
