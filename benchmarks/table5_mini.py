@@ -205,7 +205,9 @@ def layer_runs(out: pathlib.Path) -> dict[int, list[Run]]:
     return {**curve, 4: row_runs(out, LAYER_TASK, "mini, L3")}
 
 
-def draw_layer_curve(curve: dict[int, list[float]], scratch: list[float]) -> None:
+def draw_layer_curve(curve: dict[int, list[float]], scratch: dict[str, list[float]]) -> None:
+    """The curve with a band per scratch row: scratch under L3 is held at the majority class by L1, so the
+    band without the auxiliary loss is the one the curve has to clear."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,9 +217,10 @@ def draw_layer_curve(curve: dict[int, list[float]], scratch: list[float]) -> Non
     means, errors = zip(*(mean_and_error(curve[k]) for k in ks))
     figure, axis = plt.subplots(figsize=(5, 3.5))
     axis.errorbar(ks, means, yerr=errors, marker="o", capsize=3, label="first k blocks of the mini model")
-    scratch_mean, scratch_error = mean_and_error(scratch)
-    axis.axhspan(scratch_mean - scratch_error, scratch_mean + scratch_error, color="grey", alpha=0.3,
-                 label="scratch (L3)")
+    for (row, values), color in zip(scratch.items(), ("grey", "tab:orange")):
+        mean, error = mean_and_error(values)
+        axis.axhspan(mean - error, mean + error, color=color, alpha=0.3, label=row)
+        axis.axhline(mean, color=color, linewidth=1)
     axis.set_xlabel("layers transferred")
     axis.set_ylabel(f"{LAYER_TASK} {tasks.TASKS[LAYER_TASK].primary_metric} (%)")
     axis.set_xticks(ks)
@@ -281,11 +284,12 @@ def write_doc(ledger: Ledger, curve: dict[int, list[Run]]) -> None:
         text += ["", *table(scores, done)] if done else []
     curve_scores = {k: [ledger.scores.get(run.name) for run in group] for k, group in curve.items()}
     if curve_scores and all(None not in values for values in curve_scores.values()):
-        draw_layer_curve(curve_scores, [ledger.scores[run.name] for run in row_runs(pathlib.Path(), LAYER_TASK,
-                                                                                      "scratch, L3")])
+        scratch = {row: [ledger.scores[run.name] for run in row_runs(pathlib.Path(), LAYER_TASK, row)]
+                   for row in ("scratch, L3", "scratch, L2 only")}
+        draw_layer_curve(curve_scores, scratch)
         text += ["", f"Layers transferred on {LAYER_TASK} (L3, 3 seeds): " + ", ".join(
             f"{k}: %.1f ± %.1f" % mean_and_error(curve_scores[k]) for k in sorted(curve_scores)) +
-            f" (`{PLOT.relative_to(ROOT)}`)."]
+            f" (`{PLOT.relative_to(ROOT)}`; the scratch rows are drawn as bands)."]
     print("\n".join(text))
     write_section(HEADING, "\n".join(text) + "\n", DOC)  # a blank line before the hand-written subsections
 
