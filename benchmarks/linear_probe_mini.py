@@ -38,7 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.doc_section import write_section  # noqa: E402
-from benchmarks.table5_mini import TASKS, reported_split  # noqa: E402
+from benchmarks.table5_mini import TASKS, preset_config, reported_split  # noqa: E402
 from gpt1_jax.tasks import TASKS as TASK_SPECS  # noqa: E402
 
 DOC = ROOT / "docs" / "finetuning.md"
@@ -49,15 +49,11 @@ FOLDS = 5
 
 
 def task_data(task: str):
-    """The task's arrays exactly as configs/finetune.py:mini fine-tunes on them (subset, transformation, context)."""
-    from configs import finetune
-    from gpt1_jax import tasks
+    """The task's arrays exactly as the table fine-tunes on them (subset, transformation, context)."""
     from gpt1_jax.data import task_inputs
 
-    config = finetune.get_config("mini")
-    config.task = task
-    config.finetune.train_from_eval = True
-    return task_inputs.load(config, tasks.TASKS[task], config.model.n_ctx)
+    config = preset_config(task)
+    return task_inputs.load(config, TASK_SPECS[task], config.model.n_ctx)
 
 
 def models():

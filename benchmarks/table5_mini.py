@@ -65,6 +65,16 @@ SEEDS = (0, 1, 2)
 LAYER_TASK = "sst2"
 
 
+def preset_config(task: str):
+    """The config every run of the table fine-tunes `task` with, before its row's init, lm_coef and seed."""
+    from configs import finetune
+
+    config = finetune.get_config("mini")
+    config.task = task
+    config.finetune.train_from_eval = True
+    return config
+
+
 def reported_split(task: str) -> str:
     """The split the paper reports for `task` when we score it (SciTail's and Story Cloze's test), else dev."""
     spec = tasks.TASKS[task]
@@ -234,14 +244,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, required=True, help="the runs' workdirs; reruns skip done runs")
     parser.add_argument("--layers", action="store_true", help="also the layer-transfer curve (Figure 2 left)")
-    parser.add_argument("--tasks", default=",".join(TASKS), help="a subset to run now (the doc needs all)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="a subset to run now (the doc shows complete tasks)")
     parser.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
                         help="runs at a time, each pinned to one core (default: 2, or 1 on a 1-core machine)")
     parser.add_argument("--doc-only", action="store_true",
                         help="train nothing: rewrite the doc section (and the curve) from the committed scores")
     args = parser.parse_args()
+    curve = layer_runs(args.out) if args.layers else {}
     if args.doc_only:
-        write_doc(Ledger(LEDGER), layer_runs(args.out) if args.layers else {})
+        write_doc(Ledger(LEDGER), curve)
         return
     if not os.environ.get("GPT1_JAX_DATA"):
         parser.error("set GPT1_JAX_DATA to the data root (../shared/data here): the table runs on the local files")
@@ -250,13 +261,13 @@ def main() -> None:
     if unknown:
         parser.error(f"--tasks: {', '.join(unknown)} not in the table; choose from {', '.join(TASKS)}")
     runs = {(task, row): row_runs(args.out, task, row) for task in chosen for row in ROWS}
-    curve = layer_runs(args.out) if args.layers and LAYER_TASK in chosen else {}
     ledger = Ledger(LEDGER)
     # The curve first: its runs are short (one task), and the figure is complete once they are.
-    train_all([run for group in [*curve.values(), *runs.values()] for run in group], args.jobs, ledger)
+    curve_runs = curve.values() if LAYER_TASK in chosen else ()
+    train_all([run for group in [*curve_runs, *runs.values()] for run in group], args.jobs, ledger)
     for (task, row), group in runs.items():
         print(f"{task:12s} {row:18s} " + "%.1f ± %.1f" % mean_and_error([ledger.scores[r.name] for r in group]))
-    write_doc(ledger, layer_runs(args.out) if args.layers else {})
+    write_doc(ledger, curve)
 
 
 def write_doc(ledger: Ledger, curve: dict[int, list[Run]]) -> None:
@@ -283,10 +294,8 @@ def write_doc(ledger: Ledger, curve: dict[int, list[Run]]) -> None:
                 "1,000 training examples, 3 epochs, lr 1e-3; Matthews correlation x 100 as every cell):"]
         text += ["", *table(scores, done)] if done else []
     curve_scores = {k: [ledger.scores.get(run.name) for run in group] for k, group in curve.items()}
-    if curve_scores and all(None not in values for values in curve_scores.values()):
-        scratch = {row: [ledger.scores[run.name] for run in row_runs(pathlib.Path(), LAYER_TASK, row)]
-                   for row in ("scratch, L3", "scratch, L2 only")}
-        draw_layer_curve(curve_scores, scratch)
+    if curve_scores and LAYER_TASK in done and all(None not in values for values in curve_scores.values()):
+        draw_layer_curve(curve_scores, {row: scored[LAYER_TASK, row] for row in ("scratch, L3", "scratch, L2 only")})
         text += ["", f"Layers transferred on {LAYER_TASK} (L3, 3 seeds): " + ", ".join(
             f"{k}: %.1f ± %.1f" % mean_and_error(curve_scores[k]) for k in sorted(curve_scores)) +
             f" (`{PLOT.relative_to(ROOT)}`; the scratch rows are drawn as bands)."]

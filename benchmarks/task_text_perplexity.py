@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.doc_section import write_section  # noqa: E402
-from benchmarks.table5_mini import TASKS  # noqa: E402
+from benchmarks.table5_mini import TASKS, preset_config  # noqa: E402
 
 DOC = ROOT / "docs" / "finetuning.md"
 HEADING = "## The mini model on the tasks' text"
@@ -43,21 +43,15 @@ class Texts:
 
 
 def training_text(task: str) -> tuple[str, int]:
-    """(the task's fine-tuning examples as one document, their number), as configs/finetune.py:mini trains."""
-    import numpy as np
-
-    from configs import finetune
+    """(the task's fine-tuning examples as one document, their number), as the table's runs train on them."""
     from gpt1_jax import tasks
     from gpt1_jax.data import task_inputs
 
-    config = finetune.get_config("mini")
-    config.task = task
-    config.finetune.train_from_eval = True
+    config = preset_config(task)
     train, _ = task_inputs.train_and_evals(tasks.TASKS[task], config)
-    chosen = np.sort(np.random.default_rng(config.seed).permutation(len(train))[:config.finetune.max_train_examples])
+    chosen = task_inputs.training_subset(train, config)
     lines = []
-    for index in chosen:
-        example = train[index]
+    for example in chosen:
         lines += [example.text_a, *([example.text_b] if example.text_b else []), *(example.choices or ())]
     return "\n".join(lines), len(chosen)
 

@@ -303,12 +303,19 @@ def train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Exam
     return [examples[i] for i in order[held:]], evals
 
 
+def training_subset(train: list[Example], config: ConfigDict) -> list[Example]:
+    """`finetune.max_train_examples` of the training examples (all when 0), drawn with `config.seed` and kept
+    in their file order."""
+    cap = config.finetune.max_train_examples
+    if not cap:
+        return train
+    order = np.random.default_rng(config.seed).permutation(len(train))[:cap]
+    return [train[i] for i in np.sort(order)]
+
+
 def load(config: ConfigDict, spec: tasks.TaskSpec, n_ctx: int) -> TaskData:
     train, evals = train_and_evals(spec, config)
-    cap = config.finetune.max_train_examples
-    if cap:
-        order = np.random.default_rng(config.seed).permutation(len(train))[:cap]
-        train = [train[i] for i in np.sort(order)]
+    train = training_subset(train, config)
     predict = {}
     for split in _splits(spec, task_source(spec, config)):
         if split.startswith(TEST) and split not in evals:
