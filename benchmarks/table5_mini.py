@@ -247,12 +247,14 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help="a subset to run now (the doc shows complete tasks)")
     parser.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
                         help="runs at a time, each pinned to one core (default: 2, or 1 on a 1-core machine)")
+    parser.add_argument("--ledger", type=pathlib.Path, default=LEDGER,
+                        help="the scores file (default: the committed one; another machine's table keeps its own)")
     parser.add_argument("--doc-only", action="store_true",
                         help="train nothing: rewrite the doc section (and the curve) from the committed scores")
     args = parser.parse_args()
     curve = layer_runs(args.out) if args.layers else {}
     if args.doc_only:
-        write_doc(Ledger(LEDGER), curve)
+        write_doc(Ledger(args.ledger), curve)
         return
     if not os.environ.get("GPT1_JAX_DATA"):
         parser.error("set GPT1_JAX_DATA to the data root (../shared/data here): the table runs on the local files")
@@ -261,7 +263,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--tasks: {', '.join(unknown)} not in the table; choose from {', '.join(TASKS)}")
     runs = {(task, row): row_runs(args.out, task, row) for task in chosen for row in ROWS}
-    ledger = Ledger(LEDGER)
+    ledger = Ledger(args.ledger)
     # The curve first: its runs are short (one task), and the figure is complete once they are.
     curve_runs = curve.values() if LAYER_TASK in chosen else ()
     train_all([run for group in [*curve_runs, *runs.values()] for run in group], args.jobs, ledger)
