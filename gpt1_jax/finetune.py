@@ -210,24 +210,60 @@ def abstract_model(model_cfg: GPT1Config, spec: tasks.TaskSpec, clf_dropout: flo
 # ---------------------------------------------------------------- the recipe
 
 
-def make_task_loss(config: ConfigDict):
-    """graphdef -> loss_fn(params, batch of TRAIN_KEYS, key): L3 = L2 + lm_coef * L1 (Sec. 3.2, Eq. 5)."""
+def make_task_loss(config: ConfigDict, lm_target_slots: int = 0):
+    """graphdef -> loss_fn(params, batch of TRAIN_KEYS, key): L3 = L2 + lm_coef * L1 (Sec. 3.2, Eq. 5).
+
+    `lm_target_slots` (from `needed_lm_target_slots`) > 0 takes L1 on the real tokens alone; 0 on every position."""
     lm_coef, chunk, rows = float(config.finetune.lm_coef), config.train.loss_chunk, config.finetune.lm_softmax_rows
+    shards = lm_target_shards(config)
 
     def make(graphdef):
         def loss_fn(params, batch, key):
             return task_loss(nnx.merge(graphdef, params), batch, key, lm_coef=lm_coef, lm_softmax_rows=rows,
-                             loss_chunk=chunk)
+                             loss_chunk=chunk, lm_target_slots=lm_target_slots, lm_target_shards=shards)
 
         return loss_fn
 
     return make
 
 
-def compile_finetune(config, model_cfg, spec, optimizer, schedule) -> tuple[train_lib.Compiled, Callable]:
+def lm_target_shards(config: ConfigDict) -> int:
+    """The groups a (micro-)batch's rows fall into for L1's gather: one per device holding them, so each device
+    gathers its own rows; 1 where the micro-batch does not split evenly over the devices."""
+    micro = config.train.batch_size // config.train.grad_accum_steps
+    return jax.device_count() if micro % jax.device_count() == 0 else 1
+
+
+def needed_lm_target_slots(train: task_inputs.TaskArrays, config: ConfigDict) -> int:
+    """How many positions per shard L1 scores: the most real next-token targets that any shard of any
+    (micro-)batch of this run's training holds, rounded up to a multiple of 64 (0: every position, where
+    that saves nothing or there is no L1).
+
+    The batches are known before the run (`epoch_seed`), so the bound is exact, not a guess: a shard never
+    holds more targets than the compiled step has room for, and a resumed run computes the same value.
+    Micro-batch m of `train.grad_accum_steps` takes rows m, m + accum, ... (`train_lib.accumulate_gradients`).
+    """
+    if float(config.finetune.lm_coef) == 0.0:
+        return 0
+    counts = task_inputs.lm_target_counts(train)
+    batch_size, accum, shards = config.train.batch_size, config.train.grad_accum_steps, lm_target_shards(config)
+    most = 0
+    for epoch in range(config.finetune.epochs):
+        order = list(task_inputs.batch_indices(len(train), batch_size, shuffle=True,
+                                               seed=epoch_seed(config.seed, epoch), drop_remainder=True))
+        per_row = counts[np.stack(order)].reshape(len(order), batch_size // accum, accum)  # [steps, micro, accum]
+        per_shard = per_row.transpose(0, 2, 1).reshape(len(order), accum, shards, -1).sum(-1)
+        most = max(most, int(per_shard.max()))
+    positions = batch_size // accum // shards * train.tokens.shape[1] * (train.tokens.shape[2] - 1)
+    slots = -(-most // 64) * 64
+    return 0 if slots >= positions else slots
+
+
+def compile_finetune(config, model_cfg, spec, optimizer, schedule,
+                     lm_target_slots: int = 0) -> tuple[train_lib.Compiled, Callable]:
     """The sharded train step on L3 for a TaskModel, and the jitted eval step (predictions)."""
     compiled = train_lib.compile_run(config, abstract_model(model_cfg, spec, config.finetune.clf_dropout), optimizer,
-                                     schedule, make_task_loss(config), batch_ndims=TRAIN_KEYS)
+                                     schedule, make_task_loss(config, lm_target_slots), batch_ndims=TRAIN_KEYS)
 
     def eval_step(params, tokens, classify_positions):
         outputs, _ = nnx.merge(compiled.graphdef, params)(tokens, classify_positions)
@@ -309,7 +345,8 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
         early_evals = eval_steps_in_first_epoch(config)
         schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
         optimizer = optim.make_optimizer(config.optimizer, total_steps, jax.eval_shape(lambda p: p, initial))
-        compiled, eval_step = compile_finetune(config, model_cfg, spec, optimizer, schedule)
+        compiled, eval_step = compile_finetune(config, model_cfg, spec, optimizer, schedule,
+                                               needed_lm_target_slots(data.train, config))
         rolling = cleanup.enter_context(contextlib.closing(checkpoint.TrainCheckpointer(
             workdir_path / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)))
         best_dir = workdir_path / "best"

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from gpt1_jax import tasks
-from gpt1_jax.losses import token_nll_of
+from gpt1_jax.losses import real_target_nll_sums, token_nll_of
 from gpt1_jax.model import GPT1, dropout, linear
 
 _PAIR_SUM = (tasks.SIMILARITY, tasks.REGRESSION_SIMILARITY)
@@ -92,21 +92,29 @@ class TaskModel(nnx.Module):
         outputs = self.head(pooled, dropout_key=head_key)  # [batch, n_out]
         return (outputs[:, 0] if self.kind == tasks.REGRESSION_SIMILARITY else outputs), hidden
 
-    def row_lm_losses(self, hidden, tokens, mask, *, dropout_key=None, softmax_rows: str = "all", chunk: int = 0):
+    def row_lm_losses(self, hidden, tokens, mask, *, dropout_key=None, softmax_rows: str = "all", chunk: int = 0,
+                      target_slots: int = 0, target_shards: int = 1):
         """L1 of every row, float32 [batch, rows]: the mean NLL of its real next tokens (0 for an empty row).
 
         hidden [batch, rows, seq, width] from `__call__` with the same `dropout_key`; tokens, mask
         [batch, rows, seq]. Position t predicts token t + 1, counted where mask[t + 1] is 1.
+        `target_slots` > 0 scores only the real targets, that many per shard of `target_shards`
+        (`losses.real_target_nll_sums`); 0 scores every position and masks.
         """
         if softmax_rows not in LM_SOFTMAX_ROWS:
             raise ValueError(f"finetune.lm_softmax_rows={softmax_rows!r}; choose one of {LM_SOFTMAX_ROWS}.")
         batch, rows, seq, width = hidden.shape
         body_key, _ = _body_and_head_keys(dropout_key)
         table = self.backbone.head_table(dropout_key=body_key, position_rows=seq if softmax_rows == "all" else 0)
-        nll = token_nll_of(self.backbone, hidden[:, :, :-1].reshape(-1, seq - 1, width),
-                           tokens[:, :, 1:].reshape(-1, seq - 1), table=table, chunk=chunk)  # [batch*rows, seq-1]
+        hidden = hidden[:, :, :-1].reshape(-1, seq - 1, width)  # [batch*rows, seq-1, width]
+        next_tokens = tokens[:, :, 1:].reshape(-1, seq - 1)
         targets = mask[:, :, 1:].reshape(-1, seq - 1).astype(jnp.float32)
-        per_row = jnp.sum(nll * targets, axis=-1) / jnp.maximum(jnp.sum(targets, axis=-1), 1.0)
+        if target_slots:
+            sums = real_target_nll_sums(self.backbone, hidden, next_tokens, targets, slots=target_slots,
+                                        shards=target_shards, table=table, chunk=chunk)
+        else:
+            sums = jnp.sum(token_nll_of(self.backbone, hidden, next_tokens, table=table, chunk=chunk) * targets, -1)
+        per_row = sums / jnp.maximum(jnp.sum(targets, axis=-1), 1.0)
         return per_row.reshape(batch, rows)
 
 
@@ -119,13 +127,13 @@ def _body_and_head_keys(dropout_key):
 
 
 def task_loss(model: TaskModel, batch: dict, key, *, lm_coef: float, lm_softmax_rows: str = "all",
-              loss_chunk: int = 0):
+              loss_chunk: int = 0, lm_target_slots: int = 0, lm_target_shards: int = 1):
     """(L3, {"task_loss": L2, "lm_loss": L1}) over the real examples of `batch` (weights > 0).
 
     As the released code: L2 is the mean cross-entropy (squared error for regression) over examples;
     L1 the mean over rows of each row's mean next-token NLL (`TaskModel.row_lm_losses`), over the rows
     that hold tokens, so batch padding counts in neither. `lm_coef` = 0 skips L1 and its 40k-way softmax
-    entirely (the "no auxiliary loss" ablation).
+    entirely (the "no auxiliary loss" ablation); `lm_target_slots` > 0 computes it on the real tokens alone.
     """
     outputs, hidden = model(batch["tokens"], batch["classify_positions"], dropout_key=key)
     weights = batch["weights"]  # [batch]
@@ -137,7 +145,8 @@ def task_loss(model: TaskModel, batch: dict, key, *, lm_coef: float, lm_softmax_
     if lm_coef == 0.0:
         return task, {"task_loss": task, "lm_loss": jnp.zeros((), jnp.float32)}
     per_row = model.row_lm_losses(hidden, batch["tokens"], batch["mask"], dropout_key=key,
-                                  softmax_rows=lm_softmax_rows, chunk=loss_chunk)  # [batch, rows]
+                                  softmax_rows=lm_softmax_rows, chunk=loss_chunk, target_slots=lm_target_slots,
+                                  target_shards=lm_target_shards)  # [batch, rows]
     real_rows = (jnp.sum(batch["mask"][:, :, 1:], axis=-1) > 0).astype(jnp.float32)  # [batch, rows]
     lm = jnp.sum(per_row * real_rows) / jnp.maximum(jnp.sum(real_rows), 1.0)
     return task + lm_coef * lm, {"task_loss": task, "lm_loss": lm}

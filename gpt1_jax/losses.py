@@ -57,3 +57,29 @@ def lm_loss_sum(model: GPT1, hidden, targets, weights, *, table=None, chunk: int
     weights = weights.astype(jnp.float32)
     nll = token_nll_of(model, hidden, targets, table=table, chunk=chunk)
     return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def real_target_nll_sums(model: GPT1, hidden, targets, real, *, slots: int, shards: int = 1, table=None,
+                         chunk: int = 0):
+    """Per row, the summed NLL of its real targets, float32 [rows], from the logits of `slots` positions
+    per shard instead of every position.
+
+    Fine-tuning rows are padded to the longest example, so most positions of a batch are padding (79% on
+    SST-2) and the 40k-way LM head on them is wasted work. Each shard (the rows split into `shards` equal
+    consecutive groups, as the batch is split over devices, so the gather stays on each device) picks the
+    positions where `real` > 0 and scores those alone. hidden [rows, seq, width], targets and real
+    [rows, seq]; no shard may hold more than `slots` real targets (`finetune.lm_target_slots` sizes it from
+    the run's batches). The sums equal the masked sums over all positions up to float32 rounding.
+    """
+    rows, seq, width = hidden.shape
+    per_shard = rows // shards
+
+    def shard_sums(h, t, r):  # [per_shard * seq, width], [per_shard * seq] x 2
+        picked = jnp.nonzero(r > 0, size=slots, fill_value=0)[0]  # [slots], in order; filled slots point at 0
+        weight = jnp.where(jnp.arange(slots) < jnp.sum(r > 0), r[picked], 0.0)  # [slots]
+        nll = token_nll_of(model, h[picked][None], t[picked][None], table=table, chunk=chunk)[0]  # [slots]
+        return jax.ops.segment_sum(nll * weight, picked // seq, num_segments=per_shard)  # [per_shard]
+
+    sums = jax.vmap(shard_sums)(hidden.reshape(shards, per_shard * seq, width), targets.reshape(shards, -1),
+                                real.astype(jnp.float32).reshape(shards, -1))  # [shards, per_shard]
+    return sums.reshape(rows)

@@ -15,6 +15,7 @@ import pytest
 from configs import finetune as finetune_recipe
 from gpt1_jax import checkpoint, convert, finetune, tasks
 from gpt1_jax.config_check import ConfigError
+from gpt1_jax.data import task_inputs
 from gpt1_jax.run_log import read_metrics
 from pretrain_helpers import REPO, losses, wait_for_step
 
@@ -108,6 +109,32 @@ def test_an_epoch_drops_its_last_partial_batch():
     assert finetune.steps_per_epoch(47, config) == 2
     with pytest.raises(ConfigError, match="train.batch_size=16 exceeds the 9 training examples"):
         finetune.steps_per_epoch(9, config)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_the_lm_gather_has_room_for_every_real_target_of_the_runs_batches(data_root, monkeypatch, accum):
+    """The compiled step scores `needed_lm_target_slots` positions per device share of a (micro-)batch: it must
+    be at least the real targets of every share the run will feed (checked here by building the run's batches
+    on SST-2's real sentences), and far fewer than the padded positions, or the gather saves nothing."""
+    monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
+    config = finetune_recipe.get_config("mini")
+    config.train.grad_accum_steps = accum
+    spec = tasks.get_task(config.task)
+    data = task_inputs.load(config, spec, 128)
+    slots = finetune.needed_lm_target_slots(data.train, config)
+    shards = finetune.lm_target_shards(config)
+    most = 0
+    for epoch in range(config.finetune.epochs):
+        for batch in task_inputs.batches(data.train, config.train.batch_size, shuffle=True, drop_remainder=True,
+                                                  seed=finetune.epoch_seed(config.seed, epoch)):
+            targets = batch["mask"][:, :, 1:].sum(axis=(1, 2))  # [batch]
+            for micro in range(accum):
+                most = max(most, targets[micro::accum].reshape(shards, -1).sum(1).max())
+    positions = config.train.batch_size // accum // shards * (data.seq_len - 1)
+    assert most <= slots < most + 64
+    assert slots < positions / 2, (slots, positions)  # SST-2's sentences fill under a third of the rows
+    config.finetune.lm_coef = 0.0
+    assert finetune.needed_lm_target_slots(data.train, config) == 0  # no L1, nothing to gather
 
 
 def test_bad_eval_at_and_lm_softmax_rows_are_config_errors():

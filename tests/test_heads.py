@@ -1,5 +1,9 @@
 """The fine-tuning model (Sec. 3.2-3.3): one head per task kind, the classifier dropout, and L3 = L2 + λ·L1."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +106,79 @@ def test_classifier_head_reads_the_state_at_the_given_positions():
     assert head(gather_positions(hidden, jnp.array([4, 1]))).shape == (2, 2)
     params = nnx.to_pure_dict(nnx.state(ClassifierHead(48, 2, rngs=nnx.Rngs(0)), nnx.Param))
     assert jax.tree.map(jnp.shape, params) == {"dense": {"kernel": (48, 2), "bias": (2,)}}
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_lm_loss_on_the_real_tokens_alone_equals_the_masked_loss(shards):
+    """Scoring only the real targets (a gather per shard, then a sum per row) gives L3 and its gradient as
+    the masked loss over every position does, to float32 rounding, on rows of very different lengths."""
+    model = tiny_task_model(tasks.ENTAILMENT, 3)
+    rng = np.random.default_rng(0)
+    lengths = np.array([12, 3, 7, 1, 0, 9, 5, 2])  # one row each; the fifth is batch padding (no tokens)
+    mask = (np.arange(12)[None, None, :] < lengths[:, None, None]).astype(np.float32)  # [batch 8, rows 1, seq 12]
+    tokens = np.where(mask > 0, rng.integers(0, 40478, mask.shape), 0).astype(np.int32)
+    batch = {"tokens": tokens, "mask": mask, "classify_positions": np.maximum(lengths - 1, 0)[:, None],
+             "labels": rng.integers(0, 3, 8), "weights": (lengths > 0).astype(np.float32)}
+    most = max(np.maximum(lengths - 1, 0).reshape(shards, -1).sum(1))  # real next-token targets per shard
+    graphdef, params = nnx.split(model)
+
+    def loss(params, slots):
+        return task_loss(nnx.merge(graphdef, params), batch, jax.random.key(1), lm_coef=0.5, lm_target_slots=slots,
+                         lm_target_shards=shards)
+
+    (dense, dense_aux), dense_grad = jax.value_and_grad(loss, has_aux=True)(params, 0)
+    (gathered, aux), grad = jax.value_and_grad(loss, has_aux=True)(params, int(most))
+    assert float(aux["lm_loss"]) > 0
+    np.testing.assert_allclose(aux["lm_loss"], dense_aux["lm_loss"], rtol=1e-6)
+    np.testing.assert_allclose(gathered, dense, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(dense_grad)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    # One slot too few drops a target: the sizing (finetune.needed_lm_target_slots) is what keeps it exact.
+    (short, short_aux), _ = jax.value_and_grad(loss, has_aux=True)(params, int(most) - 1)
+    assert abs(float(short_aux["lm_loss"]) - float(dense_aux["lm_loss"])) > 1e-4
+
+
+EIGHT_DEVICE_CHECK = """
+import jax, numpy as np
+from flax import nnx
+from gpt1_jax import sharding, tasks
+from gpt1_jax.heads import TaskModel, task_loss
+from gpt1_jax.model import GPT1, GPT1Config
+from ml_collections import ConfigDict
+
+assert jax.device_count() == 8
+rngs = nnx.Rngs(0)
+model = TaskModel(GPT1(GPT1Config(n_special=3, n_ctx=32, width=32, n_head=2, n_layer=2, mlp_width=64), rngs=rngs),
+                  tasks.ENTAILMENT, 3, clf_dropout=0.1, rngs=rngs)
+rng = np.random.default_rng(0)
+lengths = rng.integers(0, 17, 16)
+mask = (np.arange(16)[None, None, :] < lengths[:, None, None]).astype(np.float32)  # [16, 1, 16]
+batch = {"tokens": np.where(mask > 0, rng.integers(0, 40478, mask.shape), 0).astype(np.int32), "mask": mask,
+         "classify_positions": np.maximum(lengths - 1, 0)[:, None], "labels": rng.integers(0, 3, 16),
+         "weights": (lengths > 0).astype(np.float32)}
+slots = int(np.maximum(lengths - 1, 0).reshape(8, 2).sum(1).max())
+graphdef, params = nnx.split(model)
+mesh = sharding.make_mesh(ConfigDict({"fsdp": 1}))
+placed = {k: jax.device_put(v, sharding.batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
+
+def loss(params, batch, slots, shards):
+    return task_loss(nnx.merge(graphdef, params), batch, jax.random.key(1), lm_coef=0.5, lm_target_slots=slots,
+                     lm_target_shards=shards)[0]
+
+dense, dense_grad = jax.value_and_grad(loss)(params, batch, 0, 1)
+grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=(2, 3))
+gathered, grad = grad_fn(params, placed, slots, 8)
+np.testing.assert_allclose(gathered, dense, rtol=1e-6)
+for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(dense_grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+print("ok", float(gathered), slots)
+"""
+
+
+def test_the_gather_per_device_on_eight_devices_equals_the_masked_loss_on_one():
+    """A batch split over 8 (simulated) devices, each gathering its own rows' real targets, gives L3 and its
+    gradient as the masked loss over every position on one device does."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", EIGHT_DEVICE_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]

@@ -229,29 +229,39 @@ def relative(ours, ref) -> float:
 # ---------------------------------------------------------------- the tests
 
 
-def test_losses_match_the_released_code(setup):
+def real_targets(batch) -> int:
+    """The slots L1's gather needs to score this batch's real tokens alone (`finetune.needed_lm_target_slots`)."""
+    return int(np.asarray(batch["mask"])[:, :, 1:].sum())
+
+
+@pytest.mark.parametrize("gather", [False, True], ids=["every position", "real targets only"])
+def test_losses_match_the_released_code(setup, gather):
     model, batch, ref = our_model(setup), setup["batch"], setup["reference"]
+    slots = real_targets(batch) if gather else 0
     with torch.no_grad():
         clf_logits, clf_losses, lm_losses = ref.losses(setup["xmb"], setup["mmb"], setup["ymb"])
         _, _, lm_tokens_only = ref.losses(setup["xmb"], setup["mmb"], setup["ymb"], softmax_rows=VOCAB + N_SPECIAL)
     outputs, hidden = model(batch["tokens"], batch["classify_positions"])
     assert relative(outputs, clf_logits.numpy()) < 1e-5
-    per_row = model.row_lm_losses(hidden, batch["tokens"], batch["mask"])  # L1 per sequence
+    per_row = model.row_lm_losses(hidden, batch["tokens"], batch["mask"], target_slots=slots)  # L1 per sequence
     assert relative(np.asarray(per_row).reshape(-1), lm_losses.numpy()) < 1e-5
-    tokens_only = model.row_lm_losses(hidden, batch["tokens"], batch["mask"], softmax_rows="tokens")
+    tokens_only = model.row_lm_losses(hidden, batch["tokens"], batch["mask"], softmax_rows="tokens",
+                                      target_slots=slots)
     assert relative(np.asarray(tokens_only).reshape(-1), lm_tokens_only.numpy()) < 1e-5
-    l3, aux = task_loss(model, batch, None, lm_coef=0.5)
+    l3, aux = task_loss(model, batch, None, lm_coef=0.5, lm_target_slots=slots)
     assert relative(aux["task_loss"], clf_losses.mean().numpy()) < 1e-5  # L2
     assert relative(aux["lm_loss"], lm_losses.mean().numpy()) < 1e-5  # L1
     assert relative(l3, (clf_losses.mean() + 0.5 * lm_losses.mean()).numpy()) < 1e-5  # L3
 
 
-def test_gradients_of_l3_match_the_released_code_for_every_parameter(setup):
+@pytest.mark.parametrize("gather", [False, True], ids=["every position", "real targets only"])
+def test_gradients_of_l3_match_the_released_code_for_every_parameter(setup, gather):
     batch, ref = setup["batch"], setup["reference"]
     graphdef, _ = nnx.split(our_model(setup))
+    slots = real_targets(batch) if gather else 0
 
     def loss(params):
-        return task_loss(nnx.merge(graphdef, params), batch, None, lm_coef=0.5)[0]
+        return task_loss(nnx.merge(graphdef, params), batch, None, lm_coef=0.5, lm_target_slots=slots)[0]
 
     grads = release_layout(jax.grad(loss)(jax.tree.map(jnp.asarray, setup["params"])), setup["seq"])
     expected = ref.gradients(setup["xmb"], setup["mmb"], setup["ymb"], 0.5)

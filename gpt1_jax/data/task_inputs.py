@@ -179,6 +179,23 @@ def build_inputs(encoded: Sequence[EncodedExample], kind: str, n_ctx: int = 512,
     return TaskArrays(tokens, mask, classify_positions, labels)
 
 
+def batch_indices(n: int, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                  drop_remainder: bool = False) -> Iterator[np.ndarray]:
+    """The example indices of each batch `batches` yields, before its padding: the one place the order is made."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    stop = n - n % batch_size if drop_remainder else n
+    for start in range(0, stop, batch_size):
+        yield order[start:start + batch_size]
+
+
+def lm_target_counts(arrays: TaskArrays) -> np.ndarray:
+    """Per example, the next-token targets L1 scores over all its rows (position t predicts t + 1 where
+    mask[t + 1] is 1): int [examples]."""
+    return arrays.mask[:, :, 1:].sum(axis=(1, 2)).astype(np.int64)
+
+
 def batches(arrays: TaskArrays, batch_size: int, *, shuffle: bool = False, seed: int = 0,
             drop_remainder: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Fixed-size batches (one jit shape). Unless `drop_remainder`, the last batch is filled with padding
@@ -188,13 +205,7 @@ def batches(arrays: TaskArrays, batch_size: int, *, shuffle: bool = False, seed:
     weights float32 [batch] (1 real, 0 padding), index int32 [batch] (position in `arrays`, -1 padding).
     Shuffling uses `numpy.random.default_rng(seed)`; pass a new seed per epoch for a new order.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    n = len(arrays)
-    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-    stop = n - n % batch_size if drop_remainder else n
-    for start in range(0, stop, batch_size):
-        index = order[start:start + batch_size]
+    for index in batch_indices(len(arrays), batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder):
         real = len(index)
         index = np.concatenate([index, np.zeros(batch_size - real, index.dtype)])  # [batch]
         weights = (np.arange(batch_size) < real).astype(np.float32)  # [batch]
