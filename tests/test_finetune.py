@@ -111,28 +111,28 @@ def test_an_epoch_drops_its_last_partial_batch():
         finetune.steps_per_epoch(9, config)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_the_lm_gather_has_room_for_every_real_target_of_the_runs_batches(data_root, monkeypatch, accum):
+def test_the_lm_gather_has_room_for_every_real_target_of_the_runs_batches(data_root, monkeypatch):
     """The compiled step scores `needed_lm_target_slots` positions per device share of a (micro-)batch: it must
     be at least the real targets of every share the run will feed (checked here by building the run's batches
-    on SST-2's real sentences), and far fewer than the padded positions, or the gather saves nothing."""
+    on SST-2's real sentences, without and with gradient accumulation), and far fewer than the padded
+    positions, or the gather saves nothing."""
     monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
     config = finetune_recipe.get_config("mini")
-    config.train.grad_accum_steps = accum
-    spec = tasks.get_task(config.task)
-    data = task_inputs.load(config, spec, 128)
-    slots = finetune.needed_lm_target_slots(data.train, config)
-    shards = finetune.lm_target_shards(config)
-    most = 0
-    for epoch in range(config.finetune.epochs):
-        for batch in task_inputs.batches(data.train, config.train.batch_size, shuffle=True, drop_remainder=True,
-                                                  seed=finetune.epoch_seed(config.seed, epoch)):
-            targets = batch["mask"][:, :, 1:].sum(axis=(1, 2))  # [batch]
-            for micro in range(accum):
-                most = max(most, targets[micro::accum].reshape(shards, -1).sum(1).max())
-    positions = config.train.batch_size // accum // shards * (data.seq_len - 1)
-    assert most <= slots < most + 64
-    assert slots < positions / 2, (slots, positions)  # SST-2's sentences fill under a third of the rows
+    data = task_inputs.load(config, tasks.get_task(config.task), 128)
+    for accum in (1, 2):
+        config.train.grad_accum_steps = accum
+        slots = finetune.needed_lm_target_slots(data.train, config)
+        shards = finetune.lm_target_shards(config)
+        most = 0
+        for epoch in range(config.finetune.epochs):
+            for batch in task_inputs.batches(data.train, config.train.batch_size, shuffle=True, drop_remainder=True,
+                                             seed=finetune.epoch_seed(config.seed, epoch)):
+                targets = batch["mask"][:, :, 1:].sum(axis=(1, 2))  # [batch]
+                for micro in range(accum):
+                    most = max(most, targets[micro::accum].reshape(shards, -1).sum(1).max())
+        positions = config.train.batch_size // accum // shards * (data.seq_len - 1)
+        assert most <= slots < most + 64, accum
+        assert slots < positions / 2, (accum, slots, positions)  # SST-2's sentences fill under a third of the rows
     config.finetune.lm_coef = 0.0
     assert finetune.needed_lm_target_slots(data.train, config) == 0  # no L1, nothing to gather
 
