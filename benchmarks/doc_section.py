@@ -17,3 +17,10 @@ def write_section(heading: str, text: str, doc_path: pathlib.Path = DOC) -> None
     else:
         doc = doc.rstrip("\n") + "\n\n" + text
     doc_path.write_text(doc)
+
+
+def publish(heading: str, text: str, *, write: bool = True) -> None:
+    """Print a benchmark's section and, unless the run was asked not to (`--no-doc`), write it to the doc."""
+    print(text)
+    if write:
+        write_section(heading, text)

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from doc_section import write_section
+from doc_section import publish
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SECTION = "## Fine-tuning step (CPU)"
@@ -184,9 +184,7 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=ROOT, check=False)
     text = render(results, args)
-    print(text)
-    if not args.no_doc:
-        write_section(SECTION, text)
+    publish(SECTION, text, write=not args.no_doc)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.doc_section import write_section  # noqa: E402
+from benchmarks.doc_section import publish  # noqa: E402
 
 SECTION = "## L1 on the real tokens (CPU)"
 
@@ -106,9 +106,7 @@ def main() -> None:
         results.append(measure(task, args.steps))
         print(results[-1], flush=True)
     text = render(results, args)
-    print(text)
-    if not args.no_doc:
-        write_section(SECTION, text)
+    publish(SECTION, text, write=not args.no_doc)
 
 
 if __name__ == "__main__":

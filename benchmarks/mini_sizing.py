@@ -21,7 +21,7 @@ import time
 
 import jax
 import numpy as np
-from doc_section import write_section
+from doc_section import publish
 
 SECTION = "## Mini pre-training sizing (CPU)"
 CORPUS_TOKENS = 4_390_641  # configs/mini_pretrain.py's training books, as tokenized by its first run
@@ -86,9 +86,7 @@ def main() -> None:
         "tokens, after one compiling step. The 25 MB limit is on the parameters in bfloat16.", "",
         "| candidate | model | context x batch | parameters | bfloat16 | per update | tokens/s | tokens in 2 h |",
         "|---|---|---|---:|---:|---:|---:|---:|", *rows])
-    print(text)
-    if not args.no_doc:
-        write_section(SECTION, text)
+    publish(SECTION, text, write=not args.no_doc)
 
 
 if __name__ == "__main__":

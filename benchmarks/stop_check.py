@@ -29,7 +29,7 @@ import time
 import timeit
 
 import jax
-from doc_section import write_section
+from doc_section import publish
 from train_step import JaxStep
 
 SECTION = "## Stop check (CPU)"
@@ -98,9 +98,7 @@ def main() -> None:
         + ("within that spread, not measurable." if abs(c / b - 1) <= spread else "more than that spread."),
     ]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_doc:
-        write_section(SECTION, text)
+    publish(SECTION, text, write=not args.no_doc)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from doc_section import write_section
+from doc_section import publish
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SECTION = "## Train step (CPU)"
@@ -251,9 +251,7 @@ def main() -> None:
         print(name, json.dumps({k: v if k == "ratio" else {m: x for m, x in v.items() if m != "times"}
                                 for k, v in results[name].items()}), flush=True)
     text = render(results, args)
-    print(text)
-    if not args.no_doc:
-        write_section(SECTION, text)
+    publish(SECTION, text, write=not args.no_doc)
 
 
 if __name__ == "__main__":
