@@ -141,18 +141,24 @@ class Run:
         print(f"  {self.name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
+def jax_backend() -> str:
+    """The backend the runs will get ("cpu", "gpu", "tpu"), asked in a child process: starting JAX here would
+    make this parent hold the accelerator (and on a GPU most of its memory) while the runs need it."""
+    probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"], capture_output=True,
+                           text=True, check=True)
+    return probe.stdout.strip().splitlines()[-1]
+
+
 def train_all(runs: list[Run], jobs: int, ledger: Ledger) -> None:
     """Trains the runs not yet scored, `jobs` at a time; with more than one job on a CPU each process gets its own
     core, so that two runs do not fight over the same two cores' threads. On an accelerator none is pinned: the
     runs compute on the device, and a pinned process compiles for it on one core (12 pinned runs on one H200
     had not finished compiling after 7 minutes; one unpinned compiled in under a minute)."""
-    import jax
-
     pending = queue.Queue()
     for run in runs:
         pending.put(run)
     cores = sorted(os.sched_getaffinity(0))
-    pin = jobs > 1 and jax.default_backend() == "cpu"
+    pin = jobs > 1 and jax_backend() == "cpu"
 
     def worker(index: int) -> None:
         while True:
