@@ -68,7 +68,7 @@ def real_target_nll_sums(model: GPT1, hidden, targets, real, *, slots: int, shar
     SST-2) and the 40k-way LM head on them is wasted work. Each shard (the rows split into `shards` equal
     consecutive groups, as the batch is split over devices, so the gather stays on each device) picks the
     positions where `real` > 0 and scores those alone. hidden [rows, seq, width], targets and real
-    [rows, seq]; no shard may hold more than `slots` real targets (`finetune.lm_target_slots` sizes it from
+    [rows, seq]; no shard may hold more than `slots` real targets (`finetune.needed_lm_target_slots` sizes it from
     the run's batches). The sums equal the masked sums over all positions up to float32 rounding.
     """
     rows, seq, width = hidden.shape
