@@ -6,7 +6,7 @@ optimizer, dropout 0.1); the reference is `OpenAIGPTLMHeadModel` in PyTorch with
 fused AdamW on the same device, when torch sees one.
 
     python benchmarks/accelerator_step.py [--batch 64] [--steps 10] [--dtype bfloat16] [--loss-chunk 8192] \
-        [--remat none]
+        [--remat none] [--unrolled] [--profile DIR]
     python benchmarks/accelerator_step.py --tiny --batch 4 --steps 2      # a smoke run on any machine
 
 Prints one JSON line per framework (tokens/s, step seconds, compile seconds, MFU where the device's peak is
@@ -32,7 +32,7 @@ def jax_step(args) -> dict:
     from gpt1_jax import optim, pretrain, sharding, train_lib
 
     config = base_config()
-    config.model = model_section(dtype=args.dtype, remat=args.remat,
+    config.model = model_section(dtype=args.dtype, remat=args.remat, scan_layers=not args.unrolled,
                                  **(dict(n_ctx=64, width=64, n_head=2, n_layer=2, mlp_width=256) if args.tiny else {}))
     config.train.batch_size = args.batch
     config.train.loss_chunk = args.loss_chunk
@@ -56,6 +56,13 @@ def jax_step(args) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
+    if args.profile:
+        with jax.profiler.trace(str(args.profile)):
+            for _ in range(3):
+                state, metrics = compiled.train_step(state, batch)
+            jax.block_until_ready(metrics)
+        # The trace names XLA's fusions; the optimized program says which operations each one holds.
+        (args.profile / "train_step.hlo.txt").write_text(compiled.train_step.lower(state, batch).compile().as_text())
     flops = pretrain.train_flops_per_token(model_cfg, model_cfg.n_ctx) * args.batch * model_cfg.n_ctx
     return {"framework": "gpt1_jax", "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
             "dtype": args.dtype, "batch": args.batch, "n_ctx": model_cfg.n_ctx, "step_s": step_s,
@@ -107,6 +114,10 @@ def main() -> None:
     parser.add_argument("--peak-flops", type=float, default=0.0, help="per device; 0 looks the device up")
     parser.add_argument("--tiny", action="store_true", help="a 2 x 64 model at ctx 64, for a smoke run")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--unrolled", action="store_true",
+                        help="the blocks as a Python loop (model.scan_layers=False), not one lax.scan")
+    parser.add_argument("--profile", type=pathlib.Path, default=None,
+                        help="after timing, trace 3 more of our steps into this folder (xprof reads it)")
     args = parser.parse_args()
     ours = jax_step(args)
     print(json.dumps(ours))
