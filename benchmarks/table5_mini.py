@@ -188,7 +188,8 @@ def is_win(ours: list[float], theirs: list[float]) -> bool:
 
 def table(scores: dict[str, dict[str, list[float]]], done: list[str]) -> list[str]:
     """Markdown rows over the tasks in `done`: one per row of ROWS, cells `mean ± se`, then a "win?" row per
-    pre-trained row; the average over tasks (per seed) is a column once every task is done."""
+    pre-trained row; the average over tasks (per seed) is a column once every task is done. Last, a line counting
+    the wins, and once the table is complete whether a row meets the issue's target (4 of 8 and the average)."""
     complete = len(done) == len(TASKS)
     averages = {row: [sum(scores[row][t][i] for t in TASKS) / len(TASKS) for i in range(len(SEEDS))]
                 for row in ROWS} if complete else {}
@@ -197,10 +198,18 @@ def table(scores: dict[str, dict[str, list[float]]], done: list[str]) -> list[st
     for row in ROWS:
         cells = [scores[row][t] for t in done] + ([averages[row]] if complete else [])
         lines.append(f"| {row} | " + " | ".join("%.1f ± %.1f" % mean_and_error(c) for c in cells) + " |")
+    tally = []
     for pretrained, objective in (("mini, L3", "scratch, L3"), ("mini, L2 only", "scratch, L2 only")):
         columns = [{row: scores[row][t] for row in ROWS} for t in done] + ([averages] if complete else [])
         wins = [counts_as_win(column, pretrained, objective) for column in columns]
         lines.append(f"| {pretrained}: win? | " + " | ".join("**yes**" if w else "no" for w in wins) + " |")
+        task_wins = sum(wins[:len(done)])
+        tally.append(f"{pretrained} on {task_wins} of {len(done)} tasks" + (
+            f" and {'' if wins[-1] else 'not '}on the average" if complete else ""))
+        if complete and task_wins >= len(TASKS) // 2 and wins[-1]:
+            tally[-1] += " (the target)"
+    lines += ["", "Wins that count: " + "; ".join(tally) + (
+        ". The target is at least 4 of the 8 tasks and the average." if complete else " so far.")]
     return lines
 
 

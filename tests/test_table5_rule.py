@@ -42,3 +42,21 @@ def test_the_doc_shows_only_the_tasks_whose_twelve_runs_are_scored(tmp_path, mon
     header = next(line for line in text.splitlines() if line.startswith("| | "))
     assert header == "| | sst2 (accuracy, validation) |"  # no cola column, no average
     assert "| mini, L3 | 67.0 ± 0.6 |" in text and "| mini, L3: win? | no |" in text
+
+
+def test_a_complete_table_has_the_average_and_says_whether_the_target_is_met():
+    clear_win = {"mini, L3": [70.0, 71.0, 72.0], "mini, L2 only": [66.0, 67.0, 68.0],
+                 "scratch, L3": [60.0, 61.0, 62.0], "scratch, L2 only": [66.0, 67.0, 68.0]}
+    winning = table5.TASKS[:4]  # mini L3 wins on these four, ties elsewhere
+    scores = {row: {task: (clear_win if task in winning else SCRATCH_HELD_BACK)[row] for task in table5.TASKS}
+              for row in table5.ROWS}
+    lines = table5.table(scores, list(table5.TASKS))
+    assert lines[0].endswith(" | average |")
+    # Average per seed: mini L3 (4 x 70 + 4 x 66) / 8 = 68.0 in seed 0; scratch L2 only 66.0; scratch L3 55.5.
+    assert lines[2] == "| mini, L3 | " + " | ".join(["71.0 ± 0.6"] * 4 + ["67.0 ± 0.6"] * 4) + " | 69.0 ± 0.6 |"
+    assert lines[-1] == ("Wins that count: mini, L3 on 4 of 8 tasks and on the average (the target); mini, L2 only "
+                         "on 0 of 8 tasks and not on the average. The target is at least 4 of the 8 tasks and the "
+                         "average.")
+    # One win fewer: 3 of 8, and the average's lead (1.5 points) falls under 2 s.e. of the difference (1.63).
+    scores["mini, L3"][winning[0]] = SCRATCH_HELD_BACK["mini, L3"]
+    assert "mini, L3 on 3 of 8 tasks and not on the average;" in table5.table(scores, list(table5.TASKS))[-1]
