@@ -117,7 +117,8 @@ def main() -> None:
     parser.add_argument("--unrolled", action="store_true",
                         help="the blocks as a Python loop (model.scan_layers=False), not one lax.scan")
     parser.add_argument("--profile", type=pathlib.Path, default=None,
-                        help="after timing, trace 3 more of our steps into this folder (xprof reads it)")
+                        help="after timing, trace 3 more of our steps into this folder, with the optimized program "
+                             "(benchmarks/profile_breakdown.py groups its kernels; xprof reads it too)")
     args = parser.parse_args()
     ours = jax_step(args)
     print(json.dumps(ours))
