@@ -10,30 +10,21 @@ start-up is `gpt1_jax.distributed`'s.
 
 from __future__ import annotations
 
-import difflib
-import functools
-import importlib.util
 import logging
 import sys
 
 import jax
 from absl import flags
-from ml_collections import ConfigDict, config_flags
 
-from gpt1_jax import cli, config_check, distributed, workdir_guard
+from gpt1_jax import cli, config_check, distributed, recipe_flags, workdir_guard
 
-SYNOPSIS = "--config configs/RECIPE.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]"
+SYNOPSIS = f"--workdir DIR {recipe_flags.CONFIG_SYNOPSIS}"
 
 
-def _define_flags(flag_values: flags.FlagValues, *, argv: list[str]) -> None:
-    # config_flags looks for the --config.KEY=VALUE overrides in the raw command line before parsing;
-    # given `argv`, it does not fall back on sys.argv, which is not this command line when a test calls main.
-    config_flags.DEFINE_config_file("config", None, "A configs/*.py recipe, with its argument after a colon "
-                                    "(configs/finetune.py:rte); --config.KEY=VALUE overrides one value.",
-                                    flag_values=flag_values, lock_config=True, sys_argv=["train.py", *argv])
+def _define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go; rerunning resumes there.",
                         flag_values=flag_values)
-    flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+    flags.mark_flag_as_required("workdir", flag_values=flag_values)
 
 
 class _TracebacksBehindVerbose(logging.Filter):
@@ -52,67 +43,11 @@ class _TracebacksBehindVerbose(logging.Filter):
 _TRACEBACKS_BEHIND_VERBOSE = _TracebacksBehindVerbose()
 
 
-def _flag_value(argv: list[str], name: str) -> str | None:
-    """The value of `--name VALUE` or `--name=VALUE` in `argv`, None when absent."""
-    for i, arg in enumerate(argv):
-        if arg == f"--{name}" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _load_recipe(spec: str) -> ConfigDict:
-    """The config of a recipe file `path[:arg]`, loaded as config_flags loads it."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("gpt1_jax_recipe", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def unknown_override(argv: list[str]) -> config_check.ConfigError | None:
-    """An error naming the first `--config.KEY` override the recipe lacks, its section and the nearest key.
-
-    ml_collections reports such a key as a bare `AttributeError: 'bogus'` traceback from inside flag parsing.
-    """
-    spec = _flag_value(argv, "config")
-    if spec is None:
-        return None
-    config = _load_recipe(spec)
-    for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        key = arg[len("--config."):].split("=", 1)[0]
-        node, parts = config, key.split(".")
-        for depth, part in enumerate(parts):
-            if isinstance(node, ConfigDict) and part in node:
-                node = node[part]
-                continue
-            section = ".".join(parts[:depth])
-            where = f"section {section!r}" if section else "the top level"
-            valid = sorted(node.keys()) if isinstance(node, ConfigDict) else []
-            prefix = f"{section}." if section else ""
-            nearest = difflib.get_close_matches(part, valid, n=1)
-            hint = (f"nearest valid key: {prefix}{nearest[0]}" if nearest
-                    else f"valid keys there: {', '.join(prefix + k for k in valid)}" if valid
-                    else f"{section} is a value, not a section")
-            return config_check.ConfigError(f"--config.{key}: {spec} has no key {part!r} in {where}; {hint}.")
-    return None
-
-
 @cli.reports_user_errors
 def main(argv: list[str] | None = None) -> None:
     """`python train.py` (`gpt1-train`); `argv` excludes the program name."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = cli.parse(argv, functools.partial(_define_flags, argv=argv), prog="python train.py",
-                         synopsis=SYNOPSIS, doc=__doc__).flags
-    except (AttributeError, KeyError):
-        error = unknown_override(argv)
-        if error is None:
-            raise
-        raise error from None
+    args = recipe_flags.parse(argv, _define_flags, prog="python train.py", synopsis=SYNOPSIS, doc=__doc__).flags
     # Warnings from every library; progress from ours (the loop's step lines, checkpoints, evaluations).
     logging.basicConfig(level=logging.WARNING, format="%(levelname).1s %(asctime)s %(name)s] %(message)s")
     logging.getLogger("gpt1_jax").setLevel(logging.INFO)
