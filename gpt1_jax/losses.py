@@ -42,11 +42,15 @@ def token_nll_of(model: GPT1, hidden, targets, *, table=None, chunk: int = 0):
     def chunk_nll(h, t):
         return token_nll(model.logits(h, table), t)
 
+    # Chunk k holds positions k, k + n_chunks, k + 2 n_chunks, ...: a slice of every row of the batch, so on a
+    # data-parallel mesh each device scores its own rows in every chunk. Chunks of consecutive positions would
+    # each lie on one device, and XLA would gather every chunk to every device, which would then score the
+    # whole batch (seen in the compiled TPU step: bf16[4,8192,768] all-gathers, the LM head run 4 times over).
     _, nll = jax.lax.scan(lambda carry, xs: (carry, chunk_nll(*xs)), None, (
-        flat_hidden.reshape(n_chunks, chunk, width),  # [chunks, chunk, width]
-        flat_targets.reshape(n_chunks, chunk),
+        flat_hidden.reshape(chunk, n_chunks, width).swapaxes(0, 1),  # [chunks, chunk, width]
+        flat_targets.reshape(chunk, n_chunks).swapaxes(0, 1),  # [chunks, chunk]
     ))
-    return nll.reshape(-1)[: batch * seq].reshape(batch, seq)
+    return nll.swapaxes(0, 1).reshape(-1)[: batch * seq].reshape(batch, seq)
 
 
 def lm_loss_sum(model: GPT1, hidden, targets, weights, *, table=None, chunk: int = 0):
