@@ -185,6 +185,34 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
         return _read_metadata(manager, step)
 
 
+def read_model_config(directory: str | os.PathLike) -> GPT1Config:
+    """The model config of a checkpoint's latest step (a shipped name too), from its metadata alone."""
+    directory = _existing_checkpoint(directory)
+    with _manager(directory, read_only=True) as manager:
+        step = _step_or_latest(manager, directory, None)
+        return _model_config(_read_metadata(manager, step), directory / str(step) / "metadata" / "metadata")
+
+
+def _existing_checkpoint(directory: str | os.PathLike) -> storage.Path:
+    """`directory` (or a shipped name) as a path, once it is known to exist; else a CheckpointError saying why."""
+    directory = storage.path(pretrained.resolve(directory))
+    try:
+        found = storage.is_dir(directory)
+    except OSError as err:  # a bucket that refuses this machine, or cannot be reached
+        raise CheckpointError(str(storage.explain(err, directory, "read the checkpoint"))) from err
+    if not found:
+        raise CheckpointError(f"Checkpoint directory {directory} does not exist (config key: init). Give a "
+                              f"checkpoint folder or a shipped name: {', '.join(pretrained.SHIPPED)}.")
+    return directory
+
+
+def _step_or_latest(manager: ocp.CheckpointManager, directory: storage.Path, step: int | None) -> int:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{directory}: no complete checkpoint found (config key: init).")
+    return step
+
+
 def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tuple[GPT1Config, dict, dict[str, Any]]:
     """(model config, float32 parameters as numpy, metadata) of the latest complete step (or `step`).
 
@@ -196,18 +224,9 @@ def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tu
     the metadata records: fine-tuning again, generating or converting from it then works as from a
     pre-trained one.
     """
-    directory = storage.path(pretrained.resolve(directory))
-    try:
-        found = storage.is_dir(directory)
-    except OSError as err:  # a bucket that refuses this machine, or cannot be reached
-        raise CheckpointError(str(storage.explain(err, directory, "read the checkpoint"))) from err
-    if not found:
-        raise CheckpointError(f"Checkpoint directory {directory} does not exist (config key: init). Give a "
-                              f"checkpoint folder or a shipped name: {', '.join(pretrained.SHIPPED)}.")
+    directory = _existing_checkpoint(directory)
     with _manager(directory, read_only=True) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{directory}: no complete checkpoint found (config key: init).")
+        step = _step_or_latest(manager, directory, step)
         metadata = _read_metadata(manager, step)
         config = _model_config(metadata, directory / str(step) / "metadata" / "metadata")
         params = _restore_host_params(manager, step, config, f"Checkpoint step {step} in {directory}")

@@ -9,6 +9,7 @@ still before compilation.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import jax
 from ml_collections import ConfigDict
@@ -66,10 +67,17 @@ def check_ranges(config: ConfigDict) -> None:
             raise ConfigError(f"{key}={value} is out of range: it must be {wording}.")
 
 
-def check_batching(config: ConfigDict) -> None:
+def _counts(devices: Sequence[jax.Device] | None) -> tuple[int, int]:
+    """(devices, processes) of the run: `devices` (a slice compiled for ahead of time), else this run's."""
+    if devices is None:
+        return jax.device_count(), jax.process_count()
+    return len(devices), len({device.process_index for device in devices})
+
+
+def check_batching(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> None:
     """The global batch must split evenly over processes, devices and accumulation steps."""
     batch, accum = config.train.batch_size, config.train.grad_accum_steps
-    devices, processes = jax.device_count(), jax.process_count()
+    devices, processes = _counts(devices)
     if accum < 1:
         raise ConfigError(f"train.grad_accum_steps={accum} must be >= 1.")
     if batch % (accum * devices):
@@ -82,7 +90,8 @@ def check_batching(config: ConfigDict) -> None:
         raise ConfigError(f"mesh.fsdp={config.mesh.fsdp} must divide the device count {devices}.")
 
 
-def check_common(config: ConfigDict) -> None:
+def check_common(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> None:
+    """Checks every recipe needs; `devices`: those the run will have, when not this process's (a TPU slice)."""
     check_ranges(config)
     if config.model.n_head and config.model.width % config.model.n_head:
         raise ConfigError(f"model.width={config.model.width} must be divisible by model.n_head={config.model.n_head}: "
@@ -98,15 +107,16 @@ def check_common(config: ConfigDict) -> None:
     if config.data.task_source not in ("local", "tfds"):
         raise ConfigError(f"data.task_source={config.data.task_source!r}: use 'local' "
                           f"(files under ${vocab_files.DATA_ENV}) or 'tfds'.")
-    if config.train.eval_batch_size % jax.device_count():
+    device_count, process_count = _counts(devices)
+    if config.train.eval_batch_size % device_count:
         raise ConfigError(f"train.eval_batch_size={config.train.eval_batch_size} must be divisible by the "
-                          f"{jax.device_count()} devices (and so by the {jax.process_count()} processes).")
-    check_batching(config)
+                          f"{device_count} devices (and so by the {process_count} processes).")
+    check_batching(config, devices)
     profile_window(config)
 
 
-def check_pretrain(config: ConfigDict) -> None:
-    check_common(config)
+def check_pretrain(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> None:
+    check_common(config, devices)
     if config.train.num_steps < 1:
         raise ConfigError(f"train.num_steps={config.train.num_steps} must be >= 1.")
     for name in SHAPE_KEYS:

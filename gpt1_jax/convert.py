@@ -184,6 +184,12 @@ def load_openai_original(directory: str | os.PathLike, *, n_head: int = DEFAULT_
     return config, _finite(params_from_named(named, config, str(directory)), config, directory, allow_nonfinite)
 
 
+def read_openai_original_config(directory: str | os.PathLike, *, n_head: int = DEFAULT_N_HEAD) -> GPT1Config:
+    """The release's model config from `params_shapes.json` alone (no weights read), as `load_openai_original`."""
+    shapes_file = pathlib.Path(directory) / SHAPES_FILE
+    return _original_config(_read_original_shapes(shapes_file), n_head, shapes_file)
+
+
 def _read_original_shapes(shapes_file: pathlib.Path) -> list[tuple[int, ...]]:
     """params_shapes.json, checked entry by entry against the release's layout.
 
@@ -273,16 +279,21 @@ def config_from_hf(hf_config: dict, source: str) -> GPT1Config:
     )
 
 
+def read_hf_config(directory: str | os.PathLike) -> GPT1Config:
+    """The model config of a `save_pretrained` directory, from its config.json alone."""
+    config_file = pathlib.Path(directory) / "config.json"
+    if not config_file.is_file():
+        raise WeightFormatError(f"{config_file} not found: a Hugging Face model directory has config.json.")
+    return config_from_hf(json.loads(config_file.read_text()), str(config_file))
+
+
 def load_hf(directory: str | os.PathLike, *, allow_nonfinite: bool = False) -> tuple[GPT1Config, dict]:
     """Read a `save_pretrained` directory of OpenAIGPTModel / OpenAIGPTLMHeadModel.
 
     NaN or inf weights are refused (`weight_files.check_finite`) unless `allow_nonfinite`.
     """
     directory = pathlib.Path(directory)
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise WeightFormatError(f"{config_file} not found: a Hugging Face model directory has config.json.")
-    config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
+    config = read_hf_config(directory)
     tensors = read_hf_tensors(directory)
     named = {k.removeprefix(HF_PREFIX): v for k, v in tensors.items() if k != "lm_head.weight"}
     return config, _finite(params_from_named(named, config, str(directory)), config, directory, allow_nonfinite)

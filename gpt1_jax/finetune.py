@@ -52,6 +52,7 @@ from gpt1_jax import (
     train_lib,
     workdir_guard,
 )
+from gpt1_jax.aot import measure
 from gpt1_jax.config_check import SHAPE_KEYS, ConfigError
 from gpt1_jax.data import task_inputs
 from gpt1_jax.data.task_inputs import TaskData
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 
 RUN_KEYS = ("embd_dropout", "attn_dropout", "resid_dropout", "embd_dropout_site", "dtype", "scan_layers",
             "remat", "attention")
-TRAIN_KEYS = {"tokens": 3, "mask": 3, "classify_positions": 2, "labels": 1, "weights": 1}  # name -> ndim
+TRAIN_KEYS = ("tokens", "mask", "classify_positions", "labels", "weights")  # what a train step's batch holds
 # GLUE submission file names (https://gluebenchmark.com/faq): <name>.tsv with `index\tprediction`.
 GLUE_FILES = {("cola", "test"): "CoLA", ("sst2", "test"): "SST-2", ("mrpc", "test"): "MRPC",
               ("stsb", "test"): "STS-B", ("qqp", "test"): "QQP", ("mnli", "test_matched"): "MNLI-m",
@@ -90,8 +91,9 @@ def task_spec(config: ConfigDict) -> tasks.TaskSpec:
                           "config.custom).") from None
 
 
-def check_config(config: ConfigDict) -> tasks.TaskSpec:
-    config_check.check_common(config)
+def check_config(config: ConfigDict, devices=None) -> tasks.TaskSpec:
+    """The task's spec once every key the run reads is valid; `devices`: the run's, when not this process's."""
+    config_check.check_common(config, devices)
     spec = task_spec(config)
     ft = config.finetune
     if ft.epochs < 1:
@@ -123,24 +125,53 @@ def _run_choices(config: ConfigDict) -> dict:
     return {key: config.model[key] for key in RUN_KEYS}
 
 
+def _scratch_config(config: ConfigDict) -> GPT1Config:
+    try:
+        return GPT1Config(**_user_shapes(config), **_run_choices(config),
+                          vocab_pad_multiple=config.model.vocab_pad_multiple)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _openai_n_head(config: ConfigDict) -> int:
+    """The release records no head count: model.n_head gives it, 0 meaning GPT-1's 12."""
+    return config.model.n_head or convert.DEFAULT_N_HEAD
+
+
 def load_init(config: ConfigDict) -> tuple[GPT1Config, dict | None, str]:
     """(backbone config without specials, its pre-trained parameters or None, a description)."""
     init = config.init
     if not init:
-        try:
-            cfg = GPT1Config(**_user_shapes(config), **_run_choices(config),
-                             vocab_pad_multiple=config.model.vocab_pad_multiple)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-        return cfg, None, "scratch (no pre-training)"
+        return _scratch_config(config), None, "scratch (no pre-training)"
     if init.startswith("hf:"):
         cfg, params = convert.load_hf(init[3:])
     elif init.startswith("openai:"):
-        # The release records no head count: model.n_head gives it, 0 meaning GPT-1's 12.
-        n_head = config.model.n_head or convert.DEFAULT_N_HEAD
-        cfg, params = convert.load_openai_original(init[len("openai:"):], n_head=n_head)
+        cfg, params = convert.load_openai_original(init[len("openai:"):], n_head=_openai_n_head(config))
     else:
         cfg, params, _ = checkpoint.load_pretrained(init)
+    return _checked_init_config(config, cfg), params, f"pre-trained ({init})"
+
+
+def init_model_config(config: ConfigDict) -> GPT1Config:
+    """The fine-tuned backbone's config (special-token rows included) from `config.init`'s metadata alone.
+
+    What `build_params` builds, without reading a weight: a slice can be sized before the weights are at hand.
+    """
+    init = config.init
+    if not init:
+        return _scratch_config(config).replace(n_special=N_SPECIAL)
+    if init.startswith("hf:"):
+        cfg = convert.read_hf_config(init[3:])
+    elif init.startswith("openai:"):
+        cfg = convert.read_openai_original_config(init[len("openai:"):], n_head=_openai_n_head(config))
+    else:
+        cfg = checkpoint.read_model_config(init)
+    return _checked_init_config(config, cfg).replace(n_special=N_SPECIAL)
+
+
+def _checked_init_config(config: ConfigDict, cfg: GPT1Config) -> GPT1Config:
+    """A checkpoint's backbone config with the run's choices, once its sizes agree with the non-zero model keys."""
+    init = config.init
     for key, value in _user_shapes(config).items():
         if getattr(cfg, key) != value:
             raise ConfigError(
@@ -150,7 +181,7 @@ def load_init(config: ConfigDict) -> tuple[GPT1Config, dict | None, str]:
         raise ConfigError(f"init={init} has {cfg.n_special} special tokens; fine-tuning needs 0 or {N_SPECIAL}.")
     log.info("Model sizes from init=%s (config.model sizes left at 0 are ignored): %s", init,
              {key: getattr(cfg, key) for key in SHAPE_KEYS})
-    return cfg.replace(**_run_choices(config)), params, f"pre-trained ({init})"
+    return cfg.replace(**_run_choices(config))
 
 
 def build_params(config: ConfigDict, spec: tasks.TaskSpec, seed: int) -> tuple[GPT1Config, dict, str]:
@@ -210,12 +241,12 @@ def abstract_model(model_cfg: GPT1Config, spec: tasks.TaskSpec, clf_dropout: flo
 # ---------------------------------------------------------------- the recipe
 
 
-def make_task_loss(config: ConfigDict, lm_target_slots: int = 0):
+def make_task_loss(config: ConfigDict, lm_target_slots: int = 0, device_count: int | None = None):
     """graphdef -> loss_fn(params, batch of TRAIN_KEYS, key): L3 = L2 + lm_coef * L1 (Sec. 3.2, Eq. 5).
 
     `lm_target_slots` (from `needed_lm_target_slots`) > 0 takes L1 on the real tokens alone; 0 on every position."""
     lm_coef, chunk, rows = float(config.finetune.lm_coef), config.train.loss_chunk, config.finetune.lm_softmax_rows
-    shards = lm_target_shards(config)
+    shards = lm_target_shards(config, device_count)
 
     def make(graphdef):
         def loss_fn(params, batch, key):
@@ -227,11 +258,12 @@ def make_task_loss(config: ConfigDict, lm_target_slots: int = 0):
     return make
 
 
-def lm_target_shards(config: ConfigDict) -> int:
+def lm_target_shards(config: ConfigDict, device_count: int | None = None) -> int:
     """The groups a (micro-)batch's rows fall into for L1's gather: one per device holding them, so each device
-    gathers its own rows; 1 where the micro-batch does not split evenly over the devices."""
+    gathers its own rows; 1 where the micro-batch does not split evenly over the `device_count` (default: all)."""
     micro = config.train.batch_size // config.train.grad_accum_steps
-    return jax.device_count() if micro % jax.device_count() == 0 else 1
+    devices = jax.device_count() if device_count is None else device_count
+    return devices if micro % devices == 0 else 1
 
 
 def needed_lm_target_slots(train: task_inputs.TaskArrays, config: ConfigDict) -> int:
@@ -259,11 +291,26 @@ def needed_lm_target_slots(train: task_inputs.TaskArrays, config: ConfigDict) ->
     return 0 if slots >= positions else slots
 
 
-def compile_finetune(config, model_cfg, spec, optimizer, schedule,
-                     lm_target_slots: int = 0) -> tuple[train_lib.Compiled, Callable]:
-    """The sharded train step on L3 for a TaskModel, and the jitted eval step (predictions)."""
+def train_batch(config: ConfigDict, spec: tasks.TaskSpec, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global training batch without values: TRAIN_KEYS over `[batch, rows, seq]` token rows."""
+    rows = (config.train.batch_size, spec.rows_per_example)
+    labels = np.float32 if spec.kind == tasks.REGRESSION_SIMILARITY else np.int32
+    shapes = {"tokens": (*rows, seq_len, np.int32), "mask": (*rows, seq_len, np.float32),
+              "classify_positions": (*rows, np.int32), "labels": (rows[0], labels), "weights": (rows[0], np.float32)}
+    return {key: jax.ShapeDtypeStruct(shape[:-1], shape[-1]) for key, shape in shapes.items()}
+
+
+def compile_finetune(config, model_cfg, spec, optimizer, schedule, lm_target_slots: int = 0, *,
+                     seq_len: int | None = None, devices=None) -> tuple[train_lib.Compiled, Callable]:
+    """The sharded train step on L3 for a TaskModel, and the jitted eval step (predictions).
+
+    `seq_len`: the padded context of the training rows (default `model_cfg.n_ctx`, the longest a task can
+    have); `devices`: the mesh's, when not this process's (a TPU slice compiled for ahead of time).
+    """
+    batch = train_batch(config, spec, model_cfg.n_ctx if seq_len is None else seq_len)
+    device_count = None if devices is None else len(devices)
     compiled = train_lib.compile_run(config, abstract_model(model_cfg, spec, config.finetune.clf_dropout), optimizer,
-                                     schedule, make_task_loss(config, lm_target_slots), batch_ndims=TRAIN_KEYS)
+                                     schedule, make_task_loss(config, lm_target_slots, device_count), batch, devices)
 
     def eval_step(params, tokens, classify_positions):
         outputs, _ = nnx.merge(compiled.graphdef, params)(tokens, classify_positions)
@@ -345,8 +392,12 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
         early_evals = eval_steps_in_first_epoch(config)
         schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
         optimizer = optim.make_optimizer(config.optimizer, total_steps, jax.eval_shape(lambda p: p, initial))
+        seq_len = data.train.tokens.shape[2]
         compiled, eval_step = compile_finetune(config, model_cfg, spec, optimizer, schedule,
-                                               needed_lm_target_slots(data.train, config))
+                                               needed_lm_target_slots(data.train, config), seq_len=seq_len)
+        # On a TPU slice, stop here if the step does not fit: its context is the data's longest example, so the
+        # memory it needs is known only once the data is read.
+        compiled = measure.check_before_training(compiled)
         rolling = cleanup.enter_context(contextlib.closing(checkpoint.TrainCheckpointer(
             workdir_path / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)))
         best_dir = workdir_path / "best"

@@ -16,6 +16,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from gpt1_jax import checkpoint, config_check, optim, sharding, storage, train_lib, workdir_guard
+from gpt1_jax.aot import measure, slices
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data.lm_pipeline import LMData
 from gpt1_jax.losses import lm_loss_sum
@@ -24,7 +25,7 @@ from gpt1_jax.run_log import RunLog
 from gpt1_jax.zeroshot_tracking import ZeroShotTracker, probe_names
 
 PEAK_FLOPS = {  # bfloat16 dense peak per device; used for MFU when train.peak_flops is 0.
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+    **{kind: tpu.peak_bf16_flops for tpu in slices.GENERATIONS.values() for kind in tpu.device_kinds},
     "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
     "NVIDIA A100-SXM4-40GB": 312e12,
 }
@@ -63,10 +64,12 @@ def make_lm_loss(config: ConfigDict):
     return make
 
 
-def compile_pretraining(config: ConfigDict, model_cfg: GPT1Config, optimizer, schedule) -> train_lib.Compiled:
-    """The sharded, donating L1 train step for `model_cfg` on the configured mesh."""
+def compile_pretraining(config: ConfigDict, model_cfg: GPT1Config, optimizer, schedule,
+                        devices=None) -> train_lib.Compiled:
+    """The sharded, donating L1 train step for `model_cfg` on the configured mesh (over `devices`, default all)."""
+    windows = jax.ShapeDtypeStruct((config.train.batch_size, model_cfg.n_ctx + 1), jnp.int32)  # [batch, n_ctx + 1]
     return train_lib.compile_run(config, abstract_model(model_cfg), optimizer, schedule, make_lm_loss(config),
-                                 batch_ndims=2)
+                                 windows, devices)
 
 
 def window_nll(model: GPT1, tokens, weights, chunk: int = 0):
@@ -95,11 +98,15 @@ def evaluate_lm(eval_step, params, data: LMData, mesh) -> dict[str, float]:
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 
 
+def forward_flops_per_token(cfg: GPT1Config, seq: int, *, lm_head: bool = True) -> float:
+    """Model FLOPs of one forward pass per token at context `seq`, counting matmuls only."""
+    per_layer = 2 * (3 * cfg.width**2 + cfg.width**2 + 2 * cfg.width * cfg.mlp_width) + 2 * 2 * seq * cfg.width
+    return cfg.n_layer * per_layer + (2 * cfg.width * cfg.n_vocab if lm_head else 0)
+
+
 def train_flops_per_token(cfg: GPT1Config, seq: int) -> float:
     """Model FLOPs of forward + backward per token (3 x forward), counting matmuls only."""
-    per_layer = 2 * (3 * cfg.width**2 + cfg.width**2 + 2 * cfg.width * cfg.mlp_width) + 2 * 2 * seq * cfg.width
-    forward = cfg.n_layer * per_layer + 2 * cfg.width * cfg.n_vocab
-    return 3.0 * forward
+    return 3.0 * forward_flops_per_token(cfg, seq)
 
 
 def peak_flops(config: ConfigDict) -> float:
@@ -115,15 +122,17 @@ def pretrain(config: ConfigDict, workdir: str) -> dict[str, float]:
     config_check.check_pretrain(config)
     model_cfg = model_config(config)
     probe_names(config)  # before the workdir is claimed; the probe files are read after the corpus
+    total_steps = config.train.num_steps
+    schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
+    abstract_params = jax.eval_shape(lambda: initial_params(model_cfg, 0))
+    optimizer = optim.make_optimizer(config.optimizer, total_steps, abstract_params)
+    # On a TPU slice, a step that does not fit stops the run here, before it claims the workdir or reads data:
+    # the step's shapes come from the config alone.
+    compiled = measure.check_before_training(compile_pretraining(config, model_cfg, optimizer, schedule))
     with contextlib.ExitStack() as cleanup:
         cleanup.enter_context(workdir_guard.claim(workdir_path, config))  # locked until the run ends, any way
         data = LMData.build(config)
         probes = ZeroShotTracker(config, data.tokenizer)
-        total_steps = config.train.num_steps
-        schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
-        abstract_params = jax.eval_shape(lambda: initial_params(model_cfg, 0))
-        optimizer = optim.make_optimizer(config.optimizer, total_steps, abstract_params)
-        compiled = compile_pretraining(config, model_cfg, optimizer, schedule)
         eval_step = jax.jit(make_lm_eval_step(compiled.graphdef, config))
         checkpointer = cleanup.enter_context(contextlib.closing(checkpoint.TrainCheckpointer(
             workdir_path / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)))

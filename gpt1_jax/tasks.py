@@ -90,6 +90,14 @@ class TaskSpec:
         return len(self.label_names) if self.kind in (CLASSIFICATION, ENTAILMENT, SIMILARITY) else 1
 
     @property
+    def rows_per_example(self) -> int:
+        """Token rows the input transformation makes of one example (Sec. 3.3, Figure 1 right): both orders of
+        a similarity pair, one per answer of a multiple-choice question, else one."""
+        if self.kind == MULTIPLE_CHOICE:
+            return len(self.label_names)
+        return 2 if self.kind in (SIMILARITY, REGRESSION_SIMILARITY) else 1
+
+    @property
     def raw_labels(self) -> tuple[str, ...]:
         return self.local_labels if self.local_labels is not None else self.label_names
 

@@ -115,33 +115,43 @@ def make_train_step(loss_fn: LossFn, optimizer, schedule, config: ConfigDict):
 
 @dataclasses.dataclass
 class Compiled:
-    """The model graph, mesh, shardings and jitted train step of one run."""
+    """The model graph, mesh, shardings and jitted train step of one run.
+
+    `abstract_state` and `abstract_batch` are the step's arguments without values, placed on the mesh:
+    `lower()` traces the step for them, which is how it is compiled ahead of time (`gpt1_jax.aot`).
+    """
 
     graphdef: Any
     mesh: jax.sharding.Mesh
     state_shardings: Any
     train_step: Callable
     abstract_state: TrainState
+    abstract_batch: Any
+
+    def lower(self) -> jax.stages.Lowered:
+        return self.train_step.trace(self.abstract_state, self.abstract_batch).lower()
 
 
 def compile_run(config: ConfigDict, abstract_model: nnx.Module, optimizer, schedule,
-                make_loss: Callable[[Any], LossFn], batch_ndims) -> Compiled:
+                make_loss: Callable[[Any], LossFn], batch, devices=None) -> Compiled:
     """Shapes, shardings and the jitted, donating train step for a model given without values.
 
-    make_loss(graphdef) builds the recipe's loss; batch_ndims is a pytree of the batch's array ranks,
-    each array sharded over the data axes on its leading dimension.
+    make_loss(graphdef) builds the recipe's loss; `batch` is the global batch as a pytree of
+    `jax.ShapeDtypeStruct`, each array split over the data axes on its leading dimension. `devices`:
+    the mesh's, when not this process's (a TPU slice compiled for ahead of time).
     """
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     graphdef, abstract_params = nnx.split(abstract_model)
     abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), nnx.to_pure_dict(abstract_params))
     state_shardings = sharding.tree_shardings(abstract_state, mesh)
-    batch_shardings = jax.tree.map(lambda ndim: sharding.batch_sharding(mesh, ndim), batch_ndims)
+    batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, len(x.shape)), batch)
     train_step = jax.jit(make_train_step(make_loss(graphdef), optimizer, schedule, config),
                          in_shardings=(state_shardings, batch_shardings),
                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, state_shardings)
-    return Compiled(graphdef, mesh, state_shardings, train_step, abstract_state)
+    placed = lambda tree, shardings: jax.tree.map(  # noqa: E731
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+    return Compiled(graphdef, mesh, state_shardings, train_step, placed(abstract_state, state_shardings),
+                    placed(batch, batch_shardings))
 
 
 def place_state(params, optimizer, compiled: Compiled) -> TrainState:

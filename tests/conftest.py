@@ -9,6 +9,9 @@ import pytest
 _REPO = pathlib.Path(__file__).resolve().parent.parent
 # Configs read the data root when they are built; default it as the README's test command does.
 os.environ.setdefault("GPT1_JAX_DATA", str(_REPO.parent / "shared" / "data"))
+# The tests run on the CPU. The test extra installs libtpu (tests/aot compile for TPU slices through it), and
+# without this JAX would try the TPU backend in every process, printing libtpu's start-up warnings.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same tiny train step, in this process and in train.py subprocesses: a
 # persistent compilation cache (read by JAX from these variables at import) compiles each once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gpt1_jax_test_jit_"))

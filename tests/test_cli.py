@@ -11,7 +11,7 @@ from absl import flags
 from gpt1_jax import cli, generate, train_cli, zeroshot
 from pretrain_helpers import REPO
 
-TOOLS = ["generate", "convert", "zeroshot", "report", "evaluate"]
+TOOLS = ["generate", "convert", "zeroshot", "report", "evaluate", "compile"]
 
 
 def define_toy_flags(flag_values: flags.FlagValues) -> None:
@@ -107,10 +107,12 @@ def user_error_command_lines(tmp_path: pathlib.Path) -> dict[str, tuple]:
         "evaluate": ("evaluate", ["--checkpoint", missing, "--data", "files:*.txt"], missing),
         "convert": ("convert", ["--openai", str(empty), "--orbax", str(tmp_path / "out")], str(empty)),
         "report": ("report", [str(empty)], str(empty)),
+        "compile": ("compile", ["--config", str(REPO / "configs" / "tiny_pretrain.py"), "--topology", "v9:2x2"],
+                    "'v9:2x2'"),
     }
 
 
-@pytest.mark.parametrize("name", ["train", "generate", "zeroshot", "evaluate", "convert", "report"])
+@pytest.mark.parametrize("name", ["train", "generate", "zeroshot", "evaluate", "convert", "report", "compile"])
 def test_our_own_errors_are_one_line_and_exit_2_with_the_traceback_behind_verbose(tmp_path, capsys, name):
     tool, argv, named = user_error_command_lines(tmp_path)[name]
     if isinstance(tool, str):

@@ -16,7 +16,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_every_test_docs_reliability_names_exists():
     """docs/reliability.md proves each row with a test; a renamed or deleted test must not leave it unproven."""
     doc = (ROOT / "docs" / "reliability.md").read_text()
-    defined = {name for path in (ROOT / "tests").glob("test_*.py")
+    defined = {name for path in (ROOT / "tests").rglob("test_*.py")
                for name in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
     named = set(re.findall(r"::(test_\w+)|`(test_\w+)`", doc))
     named = {a or b for a, b in named}
