@@ -6,7 +6,7 @@ optimizer, dropout 0.1); the reference is `OpenAIGPTLMHeadModel` in PyTorch with
 fused AdamW on the same device, when torch sees one.
 
     python benchmarks/accelerator_step.py [--batch 64] [--steps 10] [--dtype bfloat16] [--loss-chunk 8192] \
-        [--remat none] [--unrolled] [--profile DIR]
+        [--remat none] [--layers auto|scan|unrolled] [--attention auto|faithful|fused|fast] [--profile DIR]
     python benchmarks/accelerator_step.py --tiny --batch 4 --steps 2      # a smoke run on any machine
 
 Prints one JSON line per framework (tokens/s, step seconds, compile seconds, MFU where the device's peak is
@@ -32,7 +32,7 @@ def jax_step(args) -> dict:
     from gpt1_jax import optim, pretrain, sharding, train_lib
 
     config = base_config()
-    config.model = model_section(dtype=args.dtype, remat=args.remat, scan_layers=not args.unrolled,
+    config.model = model_section(dtype=args.dtype, remat=args.remat, layers=args.layers, attention=args.attention,
                                  **(dict(n_ctx=64, width=64, n_head=2, n_layer=2, mlp_width=256) if args.tiny else {}))
     config.train.batch_size = args.batch
     config.train.loss_chunk = args.loss_chunk
@@ -114,8 +114,10 @@ def main() -> None:
     parser.add_argument("--peak-flops", type=float, default=0.0, help="per device; 0 looks the device up")
     parser.add_argument("--tiny", action="store_true", help="a 2 x 64 model at ctx 64, for a smoke run")
     parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--unrolled", action="store_true",
-                        help="the blocks as a Python loop (model.scan_layers=False), not one lax.scan")
+    parser.add_argument("--layers", default="auto", choices=("auto", "scan", "unrolled"),
+                        help="model.layers: one lax.scan, the blocks one after another, or auto (unrolled on TPU)")
+    parser.add_argument("--attention", default="auto", choices=("auto", "faithful", "fused", "fast"),
+                        help="model.attention: fused runs the Pallas kernels (TPU); auto picks them on a TPU")
     parser.add_argument("--profile", type=pathlib.Path, default=None,
                         help="after timing, trace 3 more of our steps into this folder, with the optimized program "
                              "(benchmarks/profile_breakdown.py groups its kernels; xprof reads it too)")

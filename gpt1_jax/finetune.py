@@ -23,7 +23,7 @@ Starting points (config key `init`) and the layer-transfer study (Sec. 5, Figure
 Sizes rule: the shape keys of config.model (`SHAPE_KEYS`) are 0 in configs/finetune.py, meaning "take
 them from the checkpoint" (or, from scratch, the paper's 12 x 768 model). A non-zero value is a user
 choice: from scratch it is used, with a checkpoint it must equal the checkpoint's value or the run stops
-naming the key. Run choices (dropouts, dtype, remat, attention, scan_layers) always come from config.model.
+naming the key. Run choices (dropouts, dtype, remat, attention, layers) always come from config.model.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from gpt1_jax.vocab_files import N_SPECIAL
 
 log = logging.getLogger(__name__)
 
-RUN_KEYS = ("embd_dropout", "attn_dropout", "resid_dropout", "embd_dropout_site", "dtype", "scan_layers",
+RUN_KEYS = ("embd_dropout", "attn_dropout", "resid_dropout", "embd_dropout_site", "dtype", "layers",
             "remat", "attention")
 TRAIN_KEYS = ("tokens", "mask", "classify_positions", "labels", "weights")  # what a train step's batch holds
 # GLUE submission file names (https://gluebenchmark.com/faq): <name>.tsv with `index\tprediction`.

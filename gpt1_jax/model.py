@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gpt1_jax.kernels import attention as attention_kernel
+from gpt1_jax.sharding import DATA_AXES
+
 INIT_STD = 0.02  # Sec. 4.1: "weights initialized from N(0, 0.02)"
 LAYER_NORM_EPS = 1e-5
 
@@ -56,10 +59,16 @@ class GPT1Config:
     embd_dropout_site: Literal["table", "hidden"] = "table"
     dtype: str = "float32"
     vocab_pad_multiple: int = 128
-    scan_layers: bool = True
+    # "scan": the blocks run as one lax.scan (compile time flat in depth); "unrolled": one after another in the
+    # program; "auto": unrolled on a TPU, where XLA then keeps 3.5 GiB per v5e chip for the paper's step
+    # against 8.0 under the scan (docs/benchmarks.md), and scanned elsewhere.
+    layers: Literal["auto", "scan", "unrolled"] = "auto"
     remat: str = "none"
-    # "auto" uses jax.nn.dot_product_attention when attention dropout is inactive.
-    attention: Literal["auto", "faithful", "fast"] = "auto"
+    # "faithful": softmax and dropout written out in XLA (the [batch, heads, seq, seq] arrays materialised);
+    # "fused": with attention dropout, the Pallas kernels of gpt1_jax.kernels.attention (TPU; interpreted on a
+    # CPU); "fast": jax.nn.dot_product_attention, which has no dropout; "auto": "fused" on a TPU and "faithful"
+    # elsewhere while attention dropout is active, "fast" when it is not (evaluation, generation).
+    attention: Literal["auto", "faithful", "fused", "fast"] = "auto"
 
     def __post_init__(self):
         checks = [
@@ -71,7 +80,9 @@ class GPT1Config:
             (self.vocab_pad_multiple >= 1, "vocab_pad_multiple", "vocab_pad_multiple must be >= 1"),
             (self.remat in REMAT_POLICIES, "remat", f"remat must be one of {sorted(REMAT_POLICIES)}"),
             (self.embd_dropout_site in ("table", "hidden"), "embd_dropout_site", "use 'table' or 'hidden'"),
-            (self.attention in ("auto", "faithful", "fast"), "attention", "use 'auto', 'faithful' or 'fast'"),
+            (self.layers in ("auto", "scan", "unrolled"), "layers", "use 'auto', 'scan' or 'unrolled'"),
+            (self.attention in ("auto", "faithful", "fused", "fast"), "attention",
+             "use 'auto', 'faithful', 'fused' or 'fast'"),
             (self.dtype in ("float32", "bfloat16", "float16"), "dtype", "use float32, bfloat16 or float16"),
         ]
         for ok, key, message in checks:
@@ -103,6 +114,10 @@ class GPT1Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "GPT1Config":
+        """The config of `to_dict`'s values; checkpoints written before `layers` record `scan_layers` (bool)."""
+        if "scan_layers" in values:
+            values = {**values, "layers": "scan" if values["scan_layers"] else "unrolled"}
+            del values["scan_layers"]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -162,7 +177,10 @@ class CausalSelfAttention(nnx.Module):
         if cache is not None:  # keys and values become [batch, n_ctx, heads, head_dim]
             k, v = (jax.lax.dynamic_update_slice(c, t.astype(c.dtype), (0, start, 0, 0)) for c, t in zip(cache, (k, v)))
             cache = (k, v)
-        if cache is None and self._use_fast_path(attn_key):
+        if cache is None and self._use_kernel(attn_key):
+            out = attention_kernel.causal_attention(q, k, v, rate=cfg.attn_dropout, dropout_key=attn_key,
+                                                    data_axes=DATA_AXES)
+        elif cache is None and self._use_fast_path(attn_key):
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         else:
             out = self._masked_attention(q, k, v, 0 if cache is None else start, attn_key)
@@ -171,7 +189,15 @@ class CausalSelfAttention(nnx.Module):
 
     def _use_fast_path(self, attn_key) -> bool:
         mode = self.config.attention
-        return mode == "fast" or (mode == "auto" and (attn_key is None or self.config.attn_dropout == 0.0))
+        return mode == "fast" or (mode in ("auto", "fused") and not self._dropping(attn_key))
+
+    def _use_kernel(self, attn_key) -> bool:
+        mode = self.config.attention
+        on_tpu = attention_kernel.tracing_platform() == "tpu"
+        return self._dropping(attn_key) and (mode == "fused" or (mode == "auto" and on_tpu))
+
+    def _dropping(self, attn_key) -> bool:
+        return attn_key is not None and self.config.attn_dropout > 0.0
 
     def _masked_attention(self, q, k, v, offset, attn_key):
         """Softmax(QK^T / sqrt(d)), causal, with dropout on the probabilities (the released code's `attn`).
@@ -291,7 +317,7 @@ class GPT1(nnx.Module):
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
-        if cfg.scan_layers:
+        if cfg.layers == "scan" or (cfg.layers == "auto" and attention_kernel.tracing_platform() != "tpu"):
             return jax.lax.scan(lambda h, xs: layer(h, *xs), hidden, (state, keys, cache))
         caches = []
         for i in range(cfg.n_layer):

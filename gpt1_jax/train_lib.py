@@ -100,13 +100,18 @@ def accumulate_gradients(loss_fn: LossFn, params, batch, accum: int, key):
     return loss / accum, jax.tree.map(lambda a: a / accum, aux), jax.tree.map(lambda g: g / accum, grads)
 
 
-def make_train_step(loss_fn: LossFn, optimizer, schedule, config: ConfigDict):
-    """(state, batch) -> (state, metrics): one guarded update on `loss_fn`, dropout keyed by (seed, step)."""
+def make_train_step(loss_fn: LossFn, optimizer, schedule, config: ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    """(state, batch) -> (state, metrics): one guarded update on `loss_fn`, dropout keyed by (seed, step).
+
+    Traced under `mesh` (its abstract form), so code that must know it can: the fused attention kernels run
+    on each device's rows of the batch, and choose how to compile by the mesh's platform.
+    """
     base_key = jax.random.key(config.seed)
 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.fold_in(base_key, 0), state.step)  # stream 0: dropout
-        loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, config.train.grad_accum_steps, key)
+        with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, config.train.grad_accum_steps, key)
         new_state, grad_norm = guarded_update(state, grads, loss, optimizer)
         return new_state, {"loss": loss, **aux, "grad_norm": grad_norm, "lr": schedule(state.step)}
 
@@ -145,7 +150,7 @@ def compile_run(config: ConfigDict, abstract_model: nnx.Module, optimizer, sched
     abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), nnx.to_pure_dict(abstract_params))
     state_shardings = sharding.tree_shardings(abstract_state, mesh)
     batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, len(x.shape)), batch)
-    train_step = jax.jit(make_train_step(make_loss(graphdef), optimizer, schedule, config),
+    train_step = jax.jit(make_train_step(make_loss(graphdef), optimizer, schedule, config, mesh),
                          in_shardings=(state_shardings, batch_shardings),
                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
     placed = lambda tree, shardings: jax.tree.map(  # noqa: E731

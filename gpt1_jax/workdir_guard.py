@@ -51,6 +51,9 @@ ASIDE_PREFIX = "previous-"
 IDENTITY_KEYS = ("mode", "model", "data.source", "seed", "optimizer", "train.batch_size", "task", "custom", "init",
                  # fine-tuning's objective and which examples it trains on
                  "finetune.lm_coef", "finetune.train_from_eval", "finetune.heldout_examples", "finetune.heldout_seed")
+# Model keys that say how a step is computed, not what it computes: they may change between restarts (a run
+# moved from a GPU to a TPU slice, or given remat to fit). `scan_layers` is `layers` in runs of before 2026-12.
+HOW_KEYS = ("layers", "scan_layers", "remat", "attention")
 # Keys that set a run's number of updates, which its learning-rate schedule spans (finetune.py: updates
 # = epochs x (training examples // batch)).
 LENGTH_KEYS = {"pretrain": ("train.num_steps",), "finetune": ("finetune.epochs", "finetune.max_train_examples")}
@@ -252,11 +255,17 @@ def _value(values: dict, key: str):
 
 
 def _check_identity(workdir: storage.Path, previous: dict, current: dict) -> None:
+    previous, current = _without_how_keys(previous), _without_how_keys(current)
     changed = [key for key in IDENTITY_KEYS if _value(previous, key) != _value(current, key)]
     if changed:
         raise ConfigError(
             f"{workdir} holds a run with a different {', '.join(changed)}. Use another --workdir, restore those "
             "values, or pass --config.start_over=True to move the old run aside and start afresh.")
+
+
+def _without_how_keys(values: dict) -> dict:
+    model = {key: value for key, value in (values.get("model") or {}).items() if key not in HOW_KEYS}
+    return {**values, "model": model}
 
 
 def _check_length(workdir: storage.Path, previous: dict, current: dict, config: ConfigDict) -> None:

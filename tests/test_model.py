@@ -100,18 +100,18 @@ def test_mlp_uses_the_tanh_approximation_of_gelu():
 
 def test_scanned_and_unrolled_layers_give_the_same_output():
     scanned = GPT1(TINY, rngs=nnx.Rngs(0))
-    unrolled = model_from_params(TINY.replace(scan_layers=False), params_of(scanned))
+    unrolled = model_from_params(TINY.replace(layers="unrolled"), params_of(scanned))
     x = tokens()
     np.testing.assert_allclose(scanned(x), unrolled(x), atol=1e-6)
     key = jax.random.key(3)
     np.testing.assert_allclose(scanned(x, dropout_key=key), unrolled(x, dropout_key=key), atol=1e-6)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_cached_forward_equals_one_uncached_pass(scan_layers):
+@pytest.mark.parametrize("layers", ["scan", "unrolled"])
+def test_cached_forward_equals_one_uncached_pass(layers):
     """A prefill of the prompt, then one token at a time through the key/value cache, gives the
     hidden states of a single uncached pass over the whole sequence."""
-    model = GPT1(TINY.replace(scan_layers=scan_layers), rngs=nnx.Rngs(0))
+    model = GPT1(TINY.replace(layers=layers), rngs=nnx.Rngs(0))
     x = tokens(seq=12)
     hidden, cache = model(x[:, :8], cache=model.init_cache(2))
     steps = [hidden]  # [batch, 8, width], then [batch, 1, width] per step

@@ -107,6 +107,19 @@ def test_another_identity_is_refused_naming_the_key_and_leaving_the_workdir(tmp_
     assert snapshot(workdir) == before
 
 
+def test_how_a_step_is_computed_may_change_between_restarts(tmp_path):
+    """layers, remat and attention change the program, not the run: a run moved to a TPU slice (or given remat to
+    fit) resumes, and so does one recorded before `layers` replaced `scan_layers`."""
+    workdir = claimed_workdir(tmp_path / "run", tiny_pretrain.get_config())
+    recorded = json.loads((workdir / RUN_CONFIG_FILE).read_text())
+    recorded["model"]["scan_layers"] = recorded["model"].pop("layers") == "auto"
+    (workdir / RUN_CONFIG_FILE).write_text(json.dumps(recorded))
+    moved = tiny_pretrain.get_config()
+    moved.model.update(layers="unrolled", remat="full", attention="fused")
+    claim(workdir, moved)
+    assert json.loads((workdir / RUN_CONFIG_FILE).read_text())["model"]["layers"] == "unrolled"
+
+
 def test_start_over_moves_the_old_run_aside_and_records_the_new_config(tmp_path):
     workdir = claimed_workdir(tmp_path / "run", tiny_pretrain.get_config())
     before = snapshot(workdir)

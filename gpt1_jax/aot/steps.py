@@ -129,4 +129,4 @@ def _on_data_axes(mesh, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
 
 def _model_summary(cfg: GPT1Config) -> str:
     return (f"{cfg.n_layer} x {cfg.width} model, {cfg.dtype}, remat {cfg.remat}, "
-            f"{'layer scan' if cfg.scan_layers else 'unrolled layers'}")
+            f"layers {cfg.layers}, attention {cfg.attention}")

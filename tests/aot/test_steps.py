@@ -1,5 +1,7 @@
 """A run's real steps compiled for TPU slices on this CPU machine: memory per chip, FITS, collectives, FLOPs."""
 
+import re
+
 import jax
 import pytest
 
@@ -39,19 +41,28 @@ def test_the_papers_pretraining_config_in_bfloat16_fits_a_v5e_2x2_as_memory_anal
         lambda: pretrain.initial_params(pretrain.model_config(paper_pretraining()), 0))))
     assert 4 * params <= train.memory.parameters < 1.01 * 4 * params  # float32, replicated (fsdp 1), tiles padded
     assert train.memory.optimizer_state == pytest.approx(2 * train.memory.parameters, rel=0.01)  # Adam's m and v
-    assert train.fits and 10 * GiB < train.memory.total < train.hbm_bytes == int(15.75 * GiB)
+    assert train.fits and train.memory.total < train.hbm_bytes == int(15.75 * GiB)
     assert evaluation.memory.optimizer_state == 0 and evaluation.memory.total < train.memory.total
     # Pure data parallelism: the gradients are all-reduced; nothing is gathered or scattered.
     assert set(train.collectives) == {"all-reduce"}
     assert train.model_flops == pretrain.train_flops_per_token(pretrain.model_config(paper_pretraining()), 512) \
         * 64 * 512 / 4
-    assert 0 < train.xla_flops < train.model_flops  # XLA counts the 12-layer scan's body once
+    # On a TPU the layers are unrolled and attention with dropout runs in the fused kernels, once per layer
+    # each way: no [batch, heads, seq, seq] array of the chip's 16 sequences anywhere, 6.5 GiB at most.
+    assert "layers auto, attention auto" in report.shapes
+    for kernel in ("gpt1_attention_forward", "gpt1_attention_backward"):
+        assert len(set(re.findall(rf"{kernel}[^\n]*", train.hlo))) >= 12, kernel
+    assert "[16,12,512,512]" not in train.hlo
+    assert train.memory.temporaries <= 6.5 * GiB
 
 
 @pytest.mark.slow
 def test_the_papers_pretraining_config_compiles_for_a_two_host_slice():
-    """v5p-16: 8 chips on 2 hosts (v4-16 is the same shape; its compiler takes 4x as long on 2 cores)."""
-    report = steps.compile_for_topology(paper_pretraining(), "v5p:2x2x2", only=("train step",))
+    """v5p-16: 8 chips on 2 hosts (v4-16 is the same shape; its compiler takes 4x as long on 2 cores). The
+    layers scanned: unrolled, the paper's step takes this machine two minutes to compile."""
+    config = paper_pretraining()
+    config.model.layers = "scan"
+    report = steps.compile_for_topology(config, "v5p:2x2x2", only=("train step",))
     (train,) = report.steps
     assert (report.slice.chips, report.slice.hosts, report.slice.chip_kind) == (8, 2, "TPU v5")
     assert "8 per chip per micro-batch" in report.shapes and report.mesh == {"data": 8, "fsdp": 1}
@@ -93,6 +104,7 @@ def test_a_multiple_choice_fine_tuning_compiles_with_its_special_tokens_and_choi
     header = train.hlo.split("\n", 1)[0]
     # 32 stories over 4 chips, 2 endings each, the mini model's full context of 128; one logit per ending.
     assert "s32[8,2,128]" in header and "f32[192,1]" in header
+    assert "gpt1_attention_backward" in train.hlo  # the fine-tuning step's attention dropout, fused too
     assert_memory_is_xlas(train)
     assert train.fits and predict.fits
 
@@ -105,5 +117,6 @@ def test_a_custom_task_compiles_as_the_run_would_build_it(tmp_path):
     config.init = "mini"
     config.custom.update(kind="multiple_choice", train=str(questions), validation=str(questions), text_a="question",
                          choices="a,b,c", label="answer")
+    config.model.layers = "scan"  # the task's plumbing is the point; scanned, it compiles in a third of the time
     train, _ = steps.compile_for_topology(config, "v5e:2x2").steps
     assert "s32[8,3,128]" in train.hlo.split("\n", 1)[0] and train.fits
