@@ -210,6 +210,16 @@ def _backward_kernel(streams_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta
     dv_ref[0, 0] = dv_acc[...].astype(dv_ref.dtype)
 
 
+def _cost(q, matmuls: int, exps: int, arrays: list) -> pl.CostEstimate:
+    """What a kernel does, for XLA's scheduler and cost_analysis(): `matmuls` products of a query block with its
+    causal window of keys (2 x block x window x head_dim FLOPs each), `exps` exponentials per window entry."""
+    batch, heads, seq, head_dim = q.shape
+    window = sum(BLOCK * (first + BLOCK) for first in range(0, seq, BLOCK))  # entries per (sequence, head)
+    return pl.CostEstimate(flops=batch * heads * window * 2 * head_dim * matmuls,
+                           transcendentals=batch * heads * window * exps,
+                           bytes_accessed=sum(math.prod(x.shape) * x.dtype.itemsize for x in arrays))
+
+
 def _per_sequence_and_head(shape) -> pl.BlockSpec:
     """One (sequence, head) of a [batch, heads, seq, last] array per grid step (b, h)."""
     return pl.BlockSpec((1, 1, *shape[2:]), lambda b, h, streams: (b, h, 0, 0))
@@ -226,6 +236,7 @@ def _forward(q, k, v, streams, rate, interpret):
             out_specs=[_per_sequence_and_head(q.shape), _per_sequence_and_head(lse_shape)]),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        cost_estimate=_cost(q, matmuls=2, exps=1, arrays=[q, k, v, q]),
         interpret=interpret, name="gpt1_attention_forward",
     )(streams, q, k, v)
 
@@ -241,5 +252,6 @@ def _backward(q, k, v, streams, d_out, lse, delta, rate, interpret):
             scratch_shapes=[pltpu.VMEM((seq, head_dim), jnp.float32), pltpu.VMEM((seq, head_dim), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        cost_estimate=_cost(q, matmuls=5, exps=1, arrays=[q, k, v, d_out, q, k, v]),
         interpret=interpret, name="gpt1_attention_backward",
     )(streams, q, k, v, d_out, lse, delta)
