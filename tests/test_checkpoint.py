@@ -176,12 +176,20 @@ def random_bits(tree, seed: int) -> dict:
     return jax.tree.map(lambda a: rng.integers(0, 2**32, a.shape, np.uint32).view(np.float32), tree)
 
 
-def flip_a_byte(params_dir) -> None:
-    """Flip one byte in the middle of the item's largest file, an OCDBT data file holding the arrays."""
-    data_file = max((f for f in params_dir.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
-    data = bytearray(data_file.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    data_file.write_bytes(bytes(data))
+def flip_a_byte(params_dir, array) -> None:
+    """Flip one byte inside `array`'s stored bytes. The middle of the largest file could fall on a zstd block
+    header, which breaks decompression instead of changing a value (CI saw it); the array's own bytes,
+    stored raw, never do."""
+    middle = np.asarray(array).tobytes()
+    middle = middle[len(middle) // 2 - 16:len(middle) // 2 + 16]
+    for data_file in (f for f in params_dir.rglob("*") if f.is_file()):
+        data = bytearray(data_file.read_bytes())
+        at = data.find(middle)
+        if at >= 0:
+            data[at + 16] ^= 0xFF
+            data_file.write_bytes(bytes(data))
+            return
+    raise AssertionError(f"the array's bytes are in no file under {params_dir}")
 
 
 def test_flipped_bytes_fail_the_checksum_restore_falls_back_and_load_pretrained_refuses(tmp_path, caplog):
@@ -192,7 +200,7 @@ def test_flipped_bytes_fail_the_checksum_restore_falls_back_and_load_pretrained_
         saver.save(step, random_bits(shapes, step), {"step": np.int32(step)},
                    {"model_config": SMALL.to_dict(), "kind": "pretrain"})
     saver.close()
-    flip_a_byte(tmp_path / "4" / "params")
+    flip_a_byte(tmp_path / "4" / "params", random_bits(shapes, 4)["tokens_embed"])
     with pytest.raises(checkpoint.CheckpointError, match=r"step 4 in .*: params/\S+ does not match the checksum"):
         checkpoint.load_pretrained(tmp_path)
     saver = checkpoint.TrainCheckpointer(tmp_path, keep=5)
