@@ -6,22 +6,43 @@ optimizer, dropout 0.1); the reference is `OpenAIGPTLMHeadModel` in PyTorch with
 fused AdamW on the same device, when torch sees one.
 
     python benchmarks/accelerator_step.py [--batch 64] [--steps 10] [--dtype bfloat16] [--loss-chunk 8192] \
-        [--remat none] [--layers auto|scan|unrolled] [--attention auto|faithful|fused|fast] [--profile DIR]
+        [--remat none] [--layers auto|scan|unrolled] [--attention auto|faithful|fused|fast] \
+        [--head-backward compute|float32] [--profile DIR]
+    python benchmarks/accelerator_step.py --sweep [--variants NAME,...]   # every lever side by side
     python benchmarks/accelerator_step.py --tiny --batch 4 --steps 2      # a smoke run on any machine
 
 Prints one JSON line per framework (tokens/s, step seconds, compile seconds, MFU where the device's peak is
-known: `pretrain.PEAK_FLOPS`, or `--peak-flops` per device).
+known: `pretrain.PEAK_FLOPS`, or `--peak-flops` per device). `--sweep` runs each of `VARIANTS` in a process
+of its own (an XLA flag is read once, when jax starts), then transformers once, and prints a markdown table:
+tokens/s, MFU, each variant against the first (the step before the levers) and against transformers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
+import subprocess
+import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# name: (this script's flags, XLA_FLAGS). The first is the step before the levers of docs/benchmarks.md's
+# "Train step (accelerator)": the layer scan, softmax and dropout written out in XLA, the head's backward in
+# float32. Each lever alone, then all three, then the XLA flags on top of them.
+LEVERS = ["--layers", "unrolled", "--attention", "fused", "--head-backward", "compute"]
+VARIANTS = {
+    "before": (["--layers", "scan", "--attention", "faithful", "--head-backward", "float32"], ""),
+    "unrolled": (["--layers", "unrolled", "--attention", "faithful", "--head-backward", "float32"], ""),
+    "fused-attention": (["--layers", "scan", "--attention", "fused", "--head-backward", "float32"], ""),
+    "bf16-head": (["--layers", "scan", "--attention", "faithful", "--head-backward", "compute"], ""),
+    "all": (LEVERS, ""),
+    "all-unchunked-loss": ([*LEVERS, "--loss-chunk", "0"], ""),
+    "all-latency-hiding": (LEVERS, "--xla_gpu_enable_latency_hiding_scheduler=true"),
+    "all-no-triton-gemm": (LEVERS, "--xla_gpu_enable_triton_gemm=false"),
+}
 
 
 def jax_step(args) -> dict:
@@ -33,6 +54,7 @@ def jax_step(args) -> dict:
 
     config = base_config()
     config.model = model_section(dtype=args.dtype, remat=args.remat, layers=args.layers, attention=args.attention,
+                                 head_backward=args.head_backward,
                                  **(dict(n_ctx=64, width=64, n_head=2, n_layer=2, mlp_width=256) if args.tiny else {}))
     config.train.batch_size = args.batch
     config.train.loss_chunk = args.loss_chunk
@@ -104,6 +126,32 @@ def torch_step(args) -> dict | None:
             "n_ctx": n_ctx, "step_s": step_s, "tokens_per_s": args.batch * n_ctx / step_s}
 
 
+def sweep(args) -> None:
+    """Every variant in a fresh process, then transformers here; a markdown table at the end."""
+    rows = []
+    for name in args.variants:
+        flags, xla_flags = VARIANTS[name]
+        command = [sys.executable, __file__, "--no-torch", "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--dtype", args.dtype, "--peak-flops", str(args.peak_flops), *(["--tiny"] * args.tiny), *flags]
+        env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+        if done.returncode:
+            print(f"{name}: failed\n{done.stderr[-2000:]}", flush=True)
+            continue
+        rows.append({"variant": name, **json.loads(done.stdout.strip().splitlines()[-1])})
+        print(json.dumps(rows[-1]), flush=True)
+    reference = None if args.no_torch else torch_step(args)
+    if reference:
+        print(json.dumps(reference), flush=True)
+    first = rows[0]["tokens_per_s"] if rows else 0.0
+    print("\n| variant | tokens/s | MFU | step ms | compile s | against the first | against transformers |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        versus = f"{row['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference else "-"
+        print(f"| {row['variant']} | {row['tokens_per_s']:,.0f} | {row['mfu']:.1%} | {row['step_s'] * 1e3:.1f} | "
+              f"{row['compile_s']:.0f} | {row['tokens_per_s'] / first:.2f}x | {versus} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -117,11 +165,21 @@ def main() -> None:
     parser.add_argument("--layers", default="auto", choices=("auto", "scan", "unrolled"),
                         help="model.layers: one lax.scan, the blocks one after another, or auto (unrolled on TPU)")
     parser.add_argument("--attention", default="auto", choices=("auto", "faithful", "fused", "fast"),
-                        help="model.attention: fused runs the Pallas kernels (TPU); auto picks them on a TPU")
+                        help="model.attention: fused runs the Pallas kernels (TPU, GPU); auto picks them on a TPU")
+    parser.add_argument("--head-backward", default="compute", choices=("compute", "float32"),
+                        help="model.head_backward: the tied head's backward products in the compute dtype or float32")
+    parser.add_argument("--sweep", action="store_true", help="run --variants side by side (see VARIANTS)")
+    parser.add_argument("--variants", type=lambda text: text.split(","), default=list(VARIANTS),
+                        help=f"comma-separated, for --sweep: {', '.join(VARIANTS)}")
     parser.add_argument("--profile", type=pathlib.Path, default=None,
                         help="after timing, trace 3 more of our steps into this folder, with the optimized program "
                              "(benchmarks/profile_breakdown.py groups its kernels; xprof reads it too)")
     args = parser.parse_args()
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown --variants {', '.join(unknown)}: use {', '.join(VARIANTS)}")
+    if args.sweep:
+        return sweep(args)
     ours = jax_step(args)
     print(json.dumps(ours))
     reference = None if args.no_torch else torch_step(args)

@@ -16,7 +16,7 @@ def model_section(**overrides) -> ConfigDict:
     model = ConfigDict(dict(
         vocab_size=40478, n_special=0, n_ctx=512, width=768, n_head=12, n_layer=12, mlp_width=3072,
         embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1, embd_dropout_site="table", dtype="float32",
-        vocab_pad_multiple=128, layers="auto", remat="none", attention="auto"))
+        vocab_pad_multiple=128, layers="auto", remat="none", attention="auto", head_backward="compute"))
     model.update(overrides)
     return model
 

@@ -65,10 +65,15 @@ class GPT1Config:
     layers: Literal["auto", "scan", "unrolled"] = "auto"
     remat: str = "none"
     # "faithful": softmax and dropout written out in XLA (the [batch, heads, seq, seq] arrays materialised);
-    # "fused": with attention dropout, the Pallas kernels of gpt1_jax.kernels.attention (TPU; interpreted on a
-    # CPU); "fast": jax.nn.dot_product_attention, which has no dropout; "auto": "fused" on a TPU and "faithful"
-    # elsewhere while attention dropout is active, "fast" when it is not (evaluation, generation).
+    # "fused": with attention dropout, the Pallas kernels of gpt1_jax.kernels.attention (Mosaic on a TPU, Triton
+    # on a GPU; interpreted on a CPU); "fast": jax.nn.dot_product_attention (cuDNN's on a GPU in 16-bit), which
+    # has no dropout; "auto": "fused" on a TPU and "faithful" elsewhere while attention dropout is active (the
+    # GPU kernels wait for a measurement on a GPU), "fast" when it is not (evaluation, generation).
     attention: Literal["auto", "faithful", "fused", "fast"] = "auto"
+    # The tied head's backward matmuls: "compute" runs them in `dtype` with float32 accumulation (bfloat16
+    # tensor cores), "float32" in float32 from the float32 logits' gradient (TF32 on a GPU). The same under
+    # dtype=float32.
+    head_backward: Literal["compute", "float32"] = "compute"
 
     def __post_init__(self):
         checks = [
@@ -83,6 +88,7 @@ class GPT1Config:
             (self.layers in ("auto", "scan", "unrolled"), "layers", "use 'auto', 'scan' or 'unrolled'"),
             (self.attention in ("auto", "faithful", "fused", "fast"), "attention",
              "use 'auto', 'faithful', 'fused' or 'fast'"),
+            (self.head_backward in ("compute", "float32"), "head_backward", "use 'compute' or 'float32'"),
             (self.dtype in ("float32", "bfloat16", "float16"), "dtype", "use float32, bfloat16 or float16"),
         ]
         for ok, key, message in checks:
@@ -158,6 +164,36 @@ def _layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
                          use_fast_variance=False, rngs=rngs)
 
 
+@jax.custom_vjp
+def _scores_against_table(hidden, table):
+    """float32 hidden [..., width] . table [rows, width]^T, accumulated in float32, whose backward casts the
+    logits' float32 gradient to the inputs' dtype first: the two backward products then run in bfloat16 as
+    the forward does, not in float32 (TF32 on a GPU: 8% of the paper's step on an H200, docs/benchmarks.md)."""
+    return jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
+
+
+def _scores_against_table_fwd(hidden, table):
+    return _scores_against_table(hidden, table), (hidden, table)
+
+
+def _scores_against_table_bwd(residuals, d_logits):
+    hidden, table = residuals
+    d_logits = d_logits.astype(hidden.dtype)
+    d_hidden = jnp.einsum("...v,vd->...d", d_logits, table, preferred_element_type=jnp.float32)
+    d_table = jnp.einsum("...v,...d->vd", d_logits, hidden, preferred_element_type=jnp.float32)
+    return d_hidden.astype(hidden.dtype), d_table.astype(table.dtype)
+
+
+_scores_against_table.defvjp(_scores_against_table_fwd, _scores_against_table_bwd)
+
+
+def _fast_attention_kind(q) -> str | None:
+    """cuDNN's fused attention on a GPU, where it takes 16-bit inputs with head_dim a multiple of 8; XLA's
+    (None) elsewhere."""
+    gpu = attention_kernel.tracing_platform() == "gpu"
+    return "cudnn" if gpu and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 else None
+
+
 class CausalSelfAttention(nnx.Module):
     def __init__(self, config: GPT1Config, *, rngs: nnx.Rngs):
         self.config = config
@@ -181,7 +217,7 @@ class CausalSelfAttention(nnx.Module):
             out = attention_kernel.causal_attention(q, k, v, rate=cfg.attn_dropout, dropout_key=attn_key,
                                                     data_axes=DATA_AXES)
         elif cache is None and self._use_fast_path(attn_key):
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=_fast_attention_kind(q))
         else:
             out = self._masked_attention(q, k, v, 0 if cache is None else start, attn_key)
         out = out.reshape(batch, seq, cfg.width)  # [batch, seq, width]
@@ -345,8 +381,11 @@ class GPT1(nnx.Module):
 
         `table`: what `head_table` returns; None is the clean token table (evaluation and generation).
         """
-        table = self.tokens_embed[...] if table is None else table
-        logits = jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        table = (self.tokens_embed[...] if table is None else table).astype(hidden.dtype)
+        if self.config.head_backward == "compute":
+            logits = _scores_against_table(hidden, table)
+        else:
+            logits = jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
         return mask_padded_logits(logits, self.config)
 
     def with_special_tokens(self, n_special: int, *, rngs: nnx.Rngs) -> "GPT1":

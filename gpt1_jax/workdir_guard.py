@@ -53,7 +53,7 @@ IDENTITY_KEYS = ("mode", "model", "data.source", "seed", "optimizer", "train.bat
                  "finetune.lm_coef", "finetune.train_from_eval", "finetune.heldout_examples", "finetune.heldout_seed")
 # Model keys that say how a step is computed, not what it computes: they may change between restarts (a run
 # moved from a GPU to a TPU slice, or given remat to fit). `scan_layers` is `layers` in runs of before 2026-12.
-HOW_KEYS = ("layers", "scan_layers", "remat", "attention")
+HOW_KEYS = ("layers", "scan_layers", "remat", "attention", "head_backward")
 # Keys that set a run's number of updates, which its learning-rate schedule spans (finetune.py: updates
 # = epochs x (training examples // batch)).
 LENGTH_KEYS = {"pretrain": ("train.num_steps",), "finetune": ("finetune.epochs", "finetune.max_train_examples")}

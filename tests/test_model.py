@@ -218,6 +218,53 @@ def test_bfloat16_compute_keeps_float32_parameters_and_stays_close():
     assert bf16.logits(out).dtype == jnp.float32
 
 
+def product_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
+    """The operand dtypes of every matrix product in a program, sub-programs (custom_vjp, pjit) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(str(var.aval.dtype) for var in eqn.invars))
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += product_operand_dtypes(inner)
+    return found
+
+
+def head_gradients(config: GPT1Config, params):
+    """Gradients of a loss over the tied head's log-softmax, with respect to the hidden states and the table,
+    and the operand dtypes of the products that compute them."""
+    model = model_from_params(config, params)
+    hidden = jax.random.normal(jax.random.key(1), (2, 16, config.width)).astype(config.compute_dtype)
+    target = jax.random.normal(jax.random.key(2), (2, 16, 384))
+
+    def loss(hidden, table):
+        return jnp.sum(jax.nn.log_softmax(model.logits(hidden, table)) * target)
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    table = model.tokens_embed[...]
+    return grad(hidden, table), product_operand_dtypes(jax.make_jaxpr(grad)(hidden, table).jaxpr)
+
+
+def test_the_heads_backward_runs_in_the_compute_dtype_with_float32_accumulation():
+    """head_backward="compute": in bfloat16 every product of the head's forward and backward takes bfloat16
+    operands (with "float32" the backward's take the float32 logits' gradient: TF32 on a GPU), and the
+    gradients stay within bfloat16 rounding of float32's; under dtype=float32 the two are the same."""
+    params = params_of(GPT1(TINY, rngs=nnx.Rngs(0)))
+    bf16 = TINY.replace(dtype="bfloat16")
+    (ours, ours_products), (f32, f32_products) = (head_gradients(bf16.replace(head_backward=how), params)
+                                                  for how in ("compute", "float32"))
+    assert len(ours_products) == 3 and set(ours_products) == {("bfloat16", "bfloat16")}
+    assert sum("float32" in operands for operands in f32_products) == 2
+    for got, want in zip(ours, f32):
+        got, want = (np.asarray(x, np.float32) for x in (got, want))
+        assert np.linalg.norm(got - want) < 0.01 * np.linalg.norm(want)  # bfloat16 keeps 8 bits: 0.4%
+    same = [head_gradients(TINY.replace(head_backward=how), params)[0] for how in ("compute", "float32")]
+    for got, want in zip(*same):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("changes,key", [
     (dict(width=50, n_head=4), "width"),
     (dict(remat="sometimes"), "remat"),
