@@ -4,7 +4,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from gpt1_jax.vocab_files import DATA_ENV  # a local data root laid out like shared/data; else TFDS names
+from gpt1_jax.constants import DATA_ENV, VOCAB_SIZE
 
 
 def has_local_data() -> bool:
@@ -14,7 +14,7 @@ def has_local_data() -> bool:
 def model_section(**overrides) -> ConfigDict:
     """GPT1Config's fields; the defaults are the paper's 12 x 768 model."""
     model = ConfigDict(dict(
-        vocab_size=40478, n_special=0, n_ctx=512, width=768, n_head=12, n_layer=12, mlp_width=3072,
+        vocab_size=VOCAB_SIZE, n_special=0, n_ctx=512, width=768, n_head=12, n_layer=12, mlp_width=3072,
         embd_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1, embd_dropout_site="table", dtype="float32",
         vocab_pad_multiple=128, layers="auto", remat="none", attention="auto", head_backward="compute"))
     model.update(overrides)
@@ -60,7 +60,7 @@ def base_config() -> ConfigDict:
         # folder, shown by TensorBoard's Profile tab; the first update of a (re)start includes compilation.
         profile_steps=""))
     # Zero-shot probes during pre-training (Figure 2, right): comma-separated task names of
-    # gpt1_jax.zeroshot.PROBES, run every `every` steps (0: with validation) on the first
+    # gpt1_jax.zeroshot_probes.PROBES, run every `every` steps (0: with validation) on the first
     # `max_examples` examples (0: all) of `split`.
     config.zeroshot = ConfigDict(dict(tasks="", every=0, max_examples=200, split="validation"))
     config.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))

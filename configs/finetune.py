@@ -18,7 +18,7 @@ value is checked against the checkpoint.
 from configs.common import base_config, model_section
 from configs.mini_pretrain import get_config as mini_pretrain_config
 from configs.tiny_pretrain import get_config as tiny_pretrain_config
-from gpt1_jax.finetune import SHAPE_KEYS
+from gpt1_jax.constants import RELEASED_HELDOUT_EXAMPLES, RELEASED_HELDOUT_SEED, SHAPE_KEYS
 
 
 def get_config(arg=None):
@@ -50,11 +50,12 @@ def get_config(arg=None):
         max_train_examples=0,  # a random subset of this many training examples for quick runs; 0: all
         max_text_len=0,  # tokens kept per text of a pair / answer; 0: n_ctx // 2 - 2 as the released code
         eval_every=0,  # also evaluate every this many steps; 0: after each epoch only
-        heldout_examples=374,  # Story Cloze (no training split): validation examples held out as dev
+        # Story Cloze (no training split): validation examples held out as dev
+        heldout_examples=RELEASED_HELDOUT_EXAMPLES,
         # A task whose local training file is missing (QNLI, SciTail in shared/data) trains on its first
         # evaluation split less heldout_examples, as Story Cloze does, instead of stopping.
         train_from_eval=False,
-        heldout_seed=3535999445,  # ... chosen as the released code's train_test_split does (datasets.py)
+        heldout_seed=RELEASED_HELDOUT_SEED,  # ... chosen as the released code's train_test_split does (datasets.py)
     )
     # Your own task (task=custom): files (train and validation, optionally test) or one TFDS dataset, the
     # columns of each role, the kind of input transformation; see gpt1_jax/custom_task.py.

@@ -14,7 +14,8 @@ from typing import Sequence
 import jax
 from ml_collections import ConfigDict
 
-from gpt1_jax import optim, vocab_files
+from gpt1_jax import constants, optim
+from gpt1_jax.constants import SHAPE_KEYS
 from gpt1_jax.errors import UserError
 
 
@@ -34,8 +35,6 @@ def _interval(low: float, high: float, *, low_open: bool = False, high_open: boo
     return test, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
-# The model config's size keys; 0 in a fine-tuning config means "the starting checkpoint's".
-SHAPE_KEYS = ("vocab_size", "n_ctx", "width", "n_head", "n_layer", "mlp_width")
 AT_LEAST_1, AT_LEAST_0 = _interval(1, math.inf), _interval(0, math.inf)
 POSITIVE, PROBABILITY = _interval(0, math.inf, low_open=True), _interval(0, 1, high_open=True)
 # The valid values of every numeric key that has a range; keys a recipe lacks (finetune.* when
@@ -106,7 +105,7 @@ def check_common(config: ConfigDict, devices: Sequence[jax.Device] | None = None
                           "naming it) or 'skip' (skip and count such rows).")
     if config.data.task_source not in ("local", "tfds"):
         raise ConfigError(f"data.task_source={config.data.task_source!r}: use 'local' "
-                          f"(files under ${vocab_files.DATA_ENV}) or 'tfds'.")
+                          f"(files under ${constants.DATA_ENV}) or 'tfds'.")
     device_count, process_count = _counts(devices)
     if config.train.eval_batch_size % device_count:
         raise ConfigError(f"train.eval_batch_size={config.train.eval_batch_size} must be divisible by the "

@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from gpt1_jax import cli, pretrain, storage
+from gpt1_jax import cli, losses, storage
 from gpt1_jax.data import lm_batches, lm_pipeline, text_sources, token_cache
 from gpt1_jax.model import GPT1
 from gpt1_jax.tokenizer import GPT1Tokenizer
@@ -44,7 +44,7 @@ def document_nll(model: GPT1, tokens: np.ndarray, batch_size: int) -> tuple[floa
 @functools.partial(jax.jit, static_argnums=(0,))
 def _window_nll(graphdef, state, tokens, weights):
     """Summed next-token NLL of windows [batch, n_ctx + 1], rows weighted by weights [batch] (0: padding)."""
-    total, _ = pretrain.window_nll(nnx.merge(graphdef, state), tokens, weights)
+    total, _ = losses.window_nll(nnx.merge(graphdef, state), tokens, weights)
     return total
 
 

@@ -12,25 +12,14 @@ scored with the task's metric after each epoch, at the released code's updates 1
 by the primary metric on the first evaluation split are kept in `best/`, and at the end they write the
 GLUE-format test predictions, `results.json` and `results.md` (the paper's number beside ours).
 
-Starting points (config key `init`) and the layer-transfer study (Sec. 5, Figure 2 left):
-
-  ""               from scratch: the paper's "no pre-training" ablation, sizes from config.model,
-  <folder>         an Orbax checkpoint: a pre-training run's `checkpoints` folder or the output of
-                   `python -m gpt1_jax.convert --orbax`; the model config comes from its metadata,
-  hf:<folder>      a Hugging Face `save_pretrained` folder of OpenAIGPT(LMHead)Model,
-  openai:<folder>  the original release (params_shapes.json, params_0..9.npy).
-
-Sizes rule: the shape keys of config.model (`SHAPE_KEYS`) are 0 in configs/finetune.py, meaning "take
-them from the checkpoint" (or, from scratch, the paper's 12 x 768 model). A non-zero value is a user
-choice: from scratch it is used, with a checkpoint it must equal the checkpoint's value or the run stops
-naming the key. Run choices (dropouts, dtype, remat, attention, layers) always come from config.model.
+Starting points (`init`: scratch, Orbax, Hugging Face, the OpenAI release) and layer transfer are
+`finetune_start`'s; the GLUE prediction files and results.json are `finetune_results`'.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 from typing import Callable, Iterator
 
@@ -42,10 +31,12 @@ from ml_collections import ConfigDict
 from gpt1_jax import (
     checkpoint,
     config_check,
-    convert,
     custom_task,
+    finetune_results,
+    finetune_start,
     metrics,
     optim,
+    run_options,
     sharding,
     storage,
     tasks,
@@ -53,24 +44,16 @@ from gpt1_jax import (
     workdir_guard,
 )
 from gpt1_jax.aot import measure
-from gpt1_jax.config_check import SHAPE_KEYS, ConfigError
+from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import task_inputs
 from gpt1_jax.data.task_inputs import TaskData
-from gpt1_jax.heads import LM_SOFTMAX_ROWS, TaskModel, predictions, task_loss
-from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.heads import LM_SOFTMAX_ROWS, predictions, task_loss
 from gpt1_jax.run_log import RunLog
-from gpt1_jax.vocab_files import N_SPECIAL
 
 log = logging.getLogger(__name__)
 
-RUN_KEYS = ("embd_dropout", "attn_dropout", "resid_dropout", "embd_dropout_site", "dtype", "layers",
-            "remat", "attention")
 TRAIN_KEYS = ("tokens", "mask", "classify_positions", "labels", "weights")  # what a train step's batch holds
-# GLUE submission file names (https://gluebenchmark.com/faq): <name>.tsv with `index\tprediction`.
-GLUE_FILES = {("cola", "test"): "CoLA", ("sst2", "test"): "SST-2", ("mrpc", "test"): "MRPC",
-              ("stsb", "test"): "STS-B", ("qqp", "test"): "QQP", ("mnli", "test_matched"): "MNLI-m",
-              ("mnli", "test_mismatched"): "MNLI-mm", ("qnli", "test"): "QNLI", ("rte", "test"): "RTE",
-              ("wnli", "test"): "WNLI"}
+
 
 
 def task_spec(config: ConfigDict) -> tasks.TaskSpec:
@@ -80,7 +63,10 @@ def task_spec(config: ConfigDict) -> tasks.TaskSpec:
     mapping from the user's labels to the classifier's outputs.
     """
     if config.task == custom_task.NAME:
-        spec = custom_task.spec_from_config(config)
+        try:
+            spec = custom_task.task_spec(run_options.custom_task_options(config), config.data.tfds_data_dir or None)
+        except custom_task.CustomTaskError as err:
+            raise ConfigError(f"custom.{err}") from None
         if spec.label_names:
             config.custom.labels = ",".join(spec.label_names)
         return spec
@@ -89,6 +75,12 @@ def task_spec(config: ConfigDict) -> tasks.TaskSpec:
     except ValueError as err:
         raise ConfigError(f"task={config.task!r}: {err} (or {custom_task.NAME!r}: your own files, "
                           "config.custom).") from None
+
+
+def task_data(config: ConfigDict, spec: tasks.TaskSpec, n_ctx: int) -> task_inputs.TaskData:
+    """The task's arrays for this run; a missing file or a bad held-out size is a ConfigError naming the key."""
+    with run_options.task_data_keys():
+        return task_inputs.load(run_options.task_data_options(config), spec, n_ctx)
 
 
 def check_config(config: ConfigDict, devices=None) -> tasks.TaskSpec:
@@ -112,130 +104,6 @@ def check_config(config: ConfigDict, devices=None) -> tasks.TaskSpec:
     if config.optimizer.schedule != "warmup_linear":
         log.warning("optimizer.schedule=%s; the paper fine-tunes with warmup_linear.", config.optimizer.schedule)
     return spec
-
-
-# ---------------------------------------------------------------- starting points
-
-
-def _user_shapes(config: ConfigDict) -> dict:
-    return {key: config.model[key] for key in SHAPE_KEYS if config.model[key]}
-
-
-def _run_choices(config: ConfigDict) -> dict:
-    return {key: config.model[key] for key in RUN_KEYS}
-
-
-def _scratch_config(config: ConfigDict) -> GPT1Config:
-    try:
-        return GPT1Config(**_user_shapes(config), **_run_choices(config),
-                          vocab_pad_multiple=config.model.vocab_pad_multiple)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-
-
-def _openai_n_head(config: ConfigDict) -> int:
-    """The release records no head count: model.n_head gives it, 0 meaning GPT-1's 12."""
-    return config.model.n_head or convert.DEFAULT_N_HEAD
-
-
-def load_init(config: ConfigDict) -> tuple[GPT1Config, dict | None, str]:
-    """(backbone config without specials, its pre-trained parameters or None, a description)."""
-    init = config.init
-    if not init:
-        return _scratch_config(config), None, "scratch (no pre-training)"
-    if init.startswith("hf:"):
-        cfg, params = convert.load_hf(init[3:])
-    elif init.startswith("openai:"):
-        cfg, params = convert.load_openai_original(init[len("openai:"):], n_head=_openai_n_head(config))
-    else:
-        cfg, params, _ = checkpoint.load_pretrained(init)
-    return _checked_init_config(config, cfg), params, f"pre-trained ({init})"
-
-
-def init_model_config(config: ConfigDict) -> GPT1Config:
-    """The fine-tuned backbone's config (special-token rows included) from `config.init`'s metadata alone.
-
-    What `build_params` builds, without reading a weight: a slice can be sized before the weights are at hand.
-    """
-    init = config.init
-    if not init:
-        return _scratch_config(config).replace(n_special=N_SPECIAL)
-    if init.startswith("hf:"):
-        cfg = convert.read_hf_config(init[3:])
-    elif init.startswith("openai:"):
-        cfg = convert.read_openai_original_config(init[len("openai:"):], n_head=_openai_n_head(config))
-    else:
-        cfg = checkpoint.read_model_config(init)
-    return _checked_init_config(config, cfg).replace(n_special=N_SPECIAL)
-
-
-def _checked_init_config(config: ConfigDict, cfg: GPT1Config) -> GPT1Config:
-    """A checkpoint's backbone config with the run's choices, once its sizes agree with the non-zero model keys."""
-    init = config.init
-    for key, value in _user_shapes(config).items():
-        if getattr(cfg, key) != value:
-            raise ConfigError(
-                f"model.{key}={value} but the checkpoint init={init} has {key}={getattr(cfg, key)}. Leave model.{key} "
-                "at 0 to take the checkpoint's sizes, or point init at a checkpoint of that size.")
-    if cfg.n_special not in (0, N_SPECIAL):
-        raise ConfigError(f"init={init} has {cfg.n_special} special tokens; fine-tuning needs 0 or {N_SPECIAL}.")
-    log.info("Model sizes from init=%s (config.model sizes left at 0 are ignored): %s", init,
-             {key: getattr(cfg, key) for key in SHAPE_KEYS})
-    return cfg.replace(**_run_choices(config))
-
-
-def build_params(config: ConfigDict, spec: tasks.TaskSpec, seed: int) -> tuple[GPT1Config, dict, str]:
-    """(backbone config with specials, TaskModel parameters as a host pure dict, starting-point description).
-
-    The special-token rows and the head are always freshly initialised (Sec. 3.3). With
-    `finetune.transfer_layers` = k >= 0 only the embeddings and the first k blocks keep pre-trained
-    values; the later blocks are the fresh draw a from-scratch run of the same seed would use.
-    """
-    cfg, pretrained, description = load_init(config)
-    # One stream per part, so a pre-trained and a from-scratch run of the same seed share the head's init.
-    key = jax.random.key(seed)
-    fresh = GPT1(cfg.replace(n_special=N_SPECIAL), rngs=nnx.Rngs(params=jax.random.fold_in(key, 0)))
-    if pretrained is None:
-        backbone = fresh
-    else:
-        specials = nnx.Rngs(params=jax.random.fold_in(key, 1))
-        backbone = convert.model_from_params(cfg, pretrained).with_special_tokens(N_SPECIAL, rngs=specials)
-        backbone = _transfer_layers(backbone, fresh, config.finetune.transfer_layers, cfg.n_layer)
-        if config.finetune.transfer_layers >= 0:
-            description += f", first {config.finetune.transfer_layers} of {cfg.n_layer} layers transferred"
-    model = TaskModel(backbone, spec.kind, spec.num_outputs, clf_dropout=config.finetune.clf_dropout,
-                      rngs=nnx.Rngs(params=jax.random.fold_in(key, 2)))
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    return backbone.config, params, description
-
-
-def _transfer_layers(pretrained: GPT1, fresh: GPT1, k: int, n_layer: int) -> GPT1:
-    """`pretrained` with blocks k.. replaced by `fresh`'s (k = -1 keeps all); the blocks are stacked on axis 0."""
-    if k < 0:
-        return pretrained
-    if k > n_layer:
-        raise ConfigError(f"finetune.transfer_layers={k} but the checkpoint has {n_layer} layers; use 0..{n_layer} "
-                          "or -1 for all.")
-    keep = np.arange(n_layer) < k  # [n_layer]
-    blocks = jax.tree.map(lambda p, f: np.where(keep.reshape(-1, *([1] * (p.ndim - 1))), p, f),
-                          nnx.to_pure_dict(nnx.state(pretrained.blocks)), nnx.to_pure_dict(nnx.state(fresh.blocks)))
-    nnx.update(pretrained.blocks, _as_state(pretrained.blocks, blocks))
-    return pretrained
-
-
-def _as_state(module: nnx.Module, values: dict) -> nnx.State:
-    state = nnx.state(module)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, values))
-    return state
-
-
-def abstract_model(model_cfg: GPT1Config, spec: tasks.TaskSpec, clf_dropout: float) -> TaskModel:
-    """The TaskModel's structure without values (for shapes, shardings and the graph definition)."""
-    def make():
-        rngs = nnx.Rngs(0)
-        return TaskModel(GPT1(model_cfg, rngs=rngs), spec.kind, spec.num_outputs, clf_dropout=clf_dropout, rngs=rngs)
-
-    return nnx.eval_shape(make)
 
 
 # ---------------------------------------------------------------- the recipe
@@ -273,7 +141,8 @@ def needed_lm_target_slots(train: task_inputs.TaskArrays, config: ConfigDict) ->
 
     The batches are known before the run (`epoch_seed`), so the bound is exact, not a guess: a shard never
     holds more targets than the compiled step has room for, and a resumed run computes the same value.
-    Micro-batch m of `train.grad_accum_steps` takes rows m, m + accum, ... (`train_lib.accumulate_gradients`).
+    The micro-batches are the loop's (`train_lib.micro_batches`); each splits into `lm_target_shards` equal
+    groups of consecutive rows, one per device.
     """
     if float(config.finetune.lm_coef) == 0.0:
         return 0
@@ -283,8 +152,8 @@ def needed_lm_target_slots(train: task_inputs.TaskArrays, config: ConfigDict) ->
     for epoch in range(config.finetune.epochs):
         order = list(task_inputs.batch_indices(len(train), batch_size, shuffle=True,
                                                seed=epoch_seed(config.seed, epoch), drop_remainder=True))
-        per_row = counts[np.stack(order)].reshape(len(order), batch_size // accum, accum)  # [steps, micro, accum]
-        per_shard = per_row.transpose(0, 2, 1).reshape(len(order), accum, shards, -1).sum(-1)
+        per_row = np.stack([train_lib.micro_batches(counts[rows], accum) for rows in order])  # [steps, accum, micro]
+        per_shard = per_row.reshape(len(order), accum, shards, -1).sum(-1)
         most = max(most, int(per_shard.max()))
     positions = batch_size // accum // shards * train.tokens.shape[1] * (train.tokens.shape[2] - 1)
     slots = -(-most // 64) * 64
@@ -309,8 +178,9 @@ def compile_finetune(config, model_cfg, spec, optimizer, schedule, lm_target_slo
     """
     batch = train_batch(config, spec, model_cfg.n_ctx if seq_len is None else seq_len)
     device_count = None if devices is None else len(devices)
-    compiled = train_lib.compile_run(config, abstract_model(model_cfg, spec, config.finetune.clf_dropout), optimizer,
-                                     schedule, make_task_loss(config, lm_target_slots, device_count), batch, devices)
+    model = finetune_start.abstract_model(model_cfg, spec, config.finetune.clf_dropout)
+    compiled = train_lib.compile_run(run_options.loop_options(config), model, optimizer, schedule,
+                                     make_task_loss(config, lm_target_slots, device_count), batch, devices)
 
     def eval_step(params, tokens, classify_positions):
         outputs, _ = nnx.merge(compiled.graphdef, params)(tokens, classify_positions)
@@ -347,25 +217,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def _local(batch: dict) -> dict:
-    """This process's rows of a global batch (each process feeds its share to `sharding.global_batch`)."""
-    n, count, index = len(next(iter(batch.values()))), jax.process_count(), jax.process_index()
-    return {k: v[index * n // count:(index + 1) * n // count] for k, v in batch.items()}
-
-
-def predict(eval_step, params, arrays: task_inputs.TaskArrays, config: ConfigDict, mesh) -> np.ndarray:
-    """Predictions for every example of `arrays`, in order; batch padding is dropped."""
-    out = []
-    for batch in task_inputs.batches(arrays, config.train.eval_batch_size):
-        inputs = _local({"tokens": batch["tokens"], "classify_positions": batch["classify_positions"]})
-        result = eval_step(params, *sharding.global_batch((inputs["tokens"], inputs["classify_positions"]), mesh))
-        out.append(np.asarray(jax.device_get(result))[batch["weights"] > 0])
-    return np.concatenate(out)
-
-
 def evaluate_splits(eval_step, params, data: TaskData, config, mesh) -> dict[str, dict[str, float]]:
     """{split: {metric: fraction}} for every labelled evaluation split."""
-    return {split: metrics.compute(data.spec.metrics, predict(eval_step, params, arrays, config, mesh), arrays.labels)
+    batch = config.train.eval_batch_size
+    return {split: metrics.compute(data.spec.metrics, finetune_results.predict(eval_step, params, arrays, batch, mesh),
+                                   arrays.labels)
             for split, arrays in data.evals.items()}
 
 
@@ -376,22 +232,23 @@ def epoch_batches(data: TaskData, config: ConfigDict, epoch_steps: int, start: i
                                       seed=epoch_seed(config.seed, epoch), drop_remainder=True)
         for i, batch in enumerate(batches):
             if epoch * epoch_steps + i >= start:
-                yield sharding.global_batch(_local({k: batch[k] for k in TRAIN_KEYS}), mesh)
+                yield sharding.global_batch(sharding.process_rows({k: batch[k] for k in TRAIN_KEYS}), mesh)
 
 
 def finetune(config: ConfigDict, workdir: str) -> dict:
     """Fine-tune `config.task` from `config.init`; returns the results written to `results.json`."""
     workdir_path = storage.path(workdir)
     spec = check_config(config)
-    model_cfg, initial, description = build_params(config, spec, config.seed)
+    model_cfg, initial, description = finetune_start.build_params(config, spec, config.seed)
     with contextlib.ExitStack() as cleanup:
         cleanup.enter_context(workdir_guard.claim(workdir_path, config))  # locked until the run ends, any way
-        data = task_inputs.load(config, spec, model_cfg.n_ctx)
+        data = task_data(config, spec, model_cfg.n_ctx)
         epoch_steps = steps_per_epoch(len(data.train), config)
         total_steps = config.finetune.epochs * epoch_steps
         early_evals = eval_steps_in_first_epoch(config)
-        schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
-        optimizer = optim.make_optimizer(config.optimizer, total_steps, jax.eval_shape(lambda p: p, initial))
+        optimizer_options, loop = run_options.optimizer_options(config), run_options.loop_options(config)
+        schedule = optim.learning_rate_schedule(optimizer_options, total_steps)
+        optimizer = optim.make_optimizer(optimizer_options, total_steps, jax.eval_shape(lambda p: p, initial))
         seq_len = data.train.tokens.shape[2]
         compiled, eval_step = compile_finetune(config, model_cfg, spec, optimizer, schedule,
                                                needed_lm_target_slots(data.train, config), seq_len=seq_len)
@@ -411,7 +268,8 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
         handed_over.clear()
         start = int(state.step)
         best = checkpoint.read_metadata(best_dir)["best"] if best_ckpt.steps() else None
-        metadata = train_lib.run_metadata(config, model_cfg.to_dict(), data.tokenizer_identity, kind="finetune")
+        metadata = train_lib.run_metadata(run_options.as_json(config), model_cfg.to_dict(), data.tokenizer_identity,
+                                          kind="finetune")
         run_log = cleanup.enter_context(contextlib.closing(RunLog(
             workdir_path, total_steps=total_steps, initial_step=start, description=f"fine-tune {spec.name}")))
         run_log.message(f"Starting point: {description}; {len(data.train)} training examples, {total_steps} steps.")
@@ -428,7 +286,7 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
             scores = evaluate_splits(eval_step, state.params, data, config, compiled.mesh)
             primary = scores[first_split][spec.primary_metric]
             if best is None or primary > best["primary"]:
-                train_lib.check_finite(state, config, rolling)
+                train_lib.check_finite(state, loop, rolling)
                 best = {"primary": primary, "step": done, "epoch": done / epoch_steps, "dev": scores}
                 best_ckpt.save(done, state.params, {"step": state.step}, {**metadata, "best": best})
             return {"val_metric": primary, **{f"{s}/{m}": v for s, d in scores.items() for m, v in d.items()}}
@@ -438,7 +296,7 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
             batches=lambda first: contextlib.nullcontext(epoch_batches(data, config, epoch_steps, first,
                                                                        compiled.mesh)),
             save_due=lambda done: done % epoch_steps == 0)
-        _, final = train_lib.run(config, compiled, state, rolling, run_log, recipe)
+        _, final = train_lib.run(loop, compiled, state, rolling, run_log, recipe)
         if "stopped_at" in final:
             return {"stopped_at": int(final["stopped_at"])}
         abstract = compiled.abstract_state
@@ -448,44 +306,7 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
                 f"The best checkpoint in {best_dir} is unusable (set aside, see the warning above), so the predictions "
                 f"of its step cannot be written. The last step is in {workdir_path / 'checkpoints'}; rerun with "
                 "--config.start_over=True to fine-tune again.")
-        files = write_predictions(eval_step, best_params, data, config, compiled.mesh, workdir_path)
-        return write_results(workdir_path, config, spec, best, description, files)
-
-
-def write_predictions(eval_step, params, data, config, mesh, workdir: storage.Path) -> list[str]:
-    """GLUE submission files for the unlabeled test split(s): `index\\tprediction`, label names or floats."""
-    spec, written = data.spec, []
-    for split, (arrays, uids) in data.predict.items():
-        preds = predict(eval_step, params, arrays, config, mesh)
-        name = GLUE_FILES.get((spec.name, split), f"{spec.name.replace('/', '_')}-{split}")
-        lines = ["index\tprediction"]
-        if spec.kind == tasks.REGRESSION_SIMILARITY:
-            lines += [f"{uid}\t{float(p):.3f}" for uid, p in zip(uids, preds)]
-        else:
-            lines += [f"{uid}\t{spec.raw_labels[int(p)]}" for uid, p in zip(uids, preds)]
-        if jax.process_index() == 0:
-            written.append(f"predictions/{name}.tsv")
-            storage.write_whole(workdir / written[-1], "\n".join(lines) + "\n")
-    return written
-
-
-def write_results(workdir: storage.Path, config, spec: tasks.TaskSpec, best: dict, description: str,
-                  files: list[str]) -> dict:
-    """results.json and results.md: the best dev scores beside the paper's numbers (Tables 2-4).
-
-    Each in one write: results.json is what says a run finished (report, benchmarks), so a kill must
-    not leave part of it."""
-    results = {"task": spec.name, "metric": spec.primary_metric, "metrics": list(spec.metrics), "init": config.init,
-               "starting_point": description, "best_step": best["step"], "best_epoch": best["epoch"],
-               "dev": best["dev"], "paper": dict(spec.paper), "labels": list(spec.raw_labels), "predictions": files,
-               "config": json.loads(config.to_json_best_effort())}
-    rows = ["| task | split | metric | ours | paper | starting point |", "|---|---|---|---:|---:|---|"]
-    for split, scores in best["dev"].items():
-        paper = spec.paper.get(split)
-        rows.append(f"| {spec.name} | {split} | {spec.primary_metric} | {100 * scores[spec.primary_metric]:.1f} | "
-                    f"{'-' if paper is None else f'{paper:.1f}'} | {description} |")
-    if jax.process_index() == 0:
-        storage.write_whole(workdir / "results.md", "\n".join(rows) + "\n")
-        storage.write_whole(workdir / "results.json", json.dumps(results, indent=2) + "\n")
-    log.info("Results (best at step %d):\n%s", best["step"], "\n".join(rows))
-    return results
+        files = finetune_results.write_predictions(eval_step, best_params, data, config.train.eval_batch_size,
+                                                   compiled.mesh, workdir_path)
+        return finetune_results.write_results(workdir_path, run_options.as_json(config), spec, best, description,
+                                              files)

@@ -33,7 +33,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from gpt1_jax import cli
+from gpt1_jax import cli, weight_formats
 from gpt1_jax.model import GPT1
 
 # Rows per forward pass when scoring; a fixed batch keeps the number of compilations small.
@@ -230,15 +230,15 @@ def load_model(checkpoint_dir: str | None = None, hf_dir: str | None = None) -> 
     A fine-tuned backbone's special tokens (start, delimiter, extract) are not text the tokenizer can
     write, so their rows are dropped: sampling and scoring range over the BPE vocabulary.
     """
-    from gpt1_jax import checkpoint, convert
+    from gpt1_jax import checkpoint
 
     if (checkpoint_dir is None) == (hf_dir is None):
         raise ValueError("Give exactly one of a checkpoint directory and a Hugging Face directory.")
     if checkpoint_dir is not None:
         config, params, _ = checkpoint.load_pretrained(checkpoint_dir)
     else:
-        config, params = convert.load_hf(hf_dir)
-    model = convert.model_from_params(config, params)
+        config, params = weight_formats.load_hf(hf_dir)
+    model = weight_formats.model_from_params(config, params)
     return model.with_special_tokens(0, rngs=nnx.Rngs(0)) if config.n_special else model
 
 

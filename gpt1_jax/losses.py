@@ -63,6 +63,13 @@ def lm_loss_sum(model: GPT1, hidden, targets, weights, *, table=None, chunk: int
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
+def window_nll(model: GPT1, tokens, weights, chunk: int = 0):
+    """(sum NLL, number of tokens) of windows tokens [batch, n_ctx + 1], rows weighted by weights [batch]."""
+    hidden = model(tokens[:, :-1])  # [batch, n_ctx, width]
+    token_weights = jnp.broadcast_to(weights[:, None], tokens[:, 1:].shape)
+    return lm_loss_sum(model, hidden, tokens[:, 1:], token_weights, chunk=chunk)
+
+
 def real_target_nll_sums(model: GPT1, hidden, targets, real, *, slots: int, shards: int = 1, table=None,
                          chunk: int = 0):
     """Per row, the summed NLL of its real targets, float32 [rows], from the logits of `slots` positions

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gpt1_jax import constants
 from gpt1_jax.kernels import attention as attention_kernel
 from gpt1_jax.sharding import DATA_AXES
 
@@ -43,7 +44,7 @@ class GPT1Config:
     maps well onto matrix units, and the padded logits are masked out.
     """
 
-    vocab_size: int = 40478
+    vocab_size: int = constants.VOCAB_SIZE
     n_special: int = 0
     n_ctx: int = 512
     width: int = 768

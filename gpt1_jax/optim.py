@@ -17,19 +17,35 @@ learning-rate decay with warm-up over 0.2% of training.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from ml_collections import ConfigDict
 
 SCHEDULES = ("warmup_cosine", "warmup_linear", "constant")
 KINDS = ("released", "adamw")
 
 
-def learning_rate_schedule(opt: ConfigDict, total_steps: int) -> optax.Schedule:
-    """lr(step) for the schedule named by `optimizer.schedule`; `step` counts the updates already applied.
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions:
+    """The update rule and its learning-rate schedule; the recipes build it from their `optimizer.*`."""
+
+    kind: str  # one of KINDS
+    lr: float  # the schedule's peak
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float  # decoupled: a fraction of the learning rate times the parameter
+    grad_clip_norm: float  # 0: no clipping
+    schedule: str  # one of SCHEDULES
+    warmup_steps: int  # warmup_cosine
+    warmup_fraction: float  # warmup_linear, of all updates
+
+
+def learning_rate_schedule(opt: OptimizerOptions, total_steps: int) -> optax.Schedule:
+    """lr(step) for the schedule named by `opt.schedule`; `step` counts the updates already applied.
 
     warmup_cosine: peak * step / warmup during warm-up, then peak * (1 + cos(pi * progress)) / 2
     with progress going from 0 at the end of warm-up to 1 at `total_steps` (the pre-training schedule).
@@ -54,10 +70,10 @@ def learning_rate_schedule(opt: ConfigDict, total_steps: int) -> optax.Schedule:
         return schedule
     if opt.schedule == "constant":
         return optax.constant_schedule(peak)
-    raise ValueError(f"optimizer.schedule={opt.schedule!r}; choose one of {SCHEDULES}.")
+    raise ValueError(f"schedule={opt.schedule!r}; choose one of {SCHEDULES}.")
 
 
-def make_optimizer(opt: ConfigDict, total_steps: int, params) -> optax.GradientTransformation:
+def make_optimizer(opt: OptimizerOptions, total_steps: int, params) -> optax.GradientTransformation:
     """clip(global norm) -> the Adam of `optimizer.kind`, decaying matrices only."""
     schedule = learning_rate_schedule(opt, total_steps)
     if opt.kind == "released":
@@ -67,7 +83,7 @@ def make_optimizer(opt: ConfigDict, total_steps: int, params) -> optax.GradientT
         adam = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                            mask=rank_mask(params))
     else:
-        raise ValueError(f"optimizer.kind={opt.kind!r}; choose one of {KINDS}.")
+        raise ValueError(f"optimizer kind={opt.kind!r}; choose one of {KINDS}.")
     return optax.chain(
         optax.clip_by_global_norm(opt.grad_clip_norm) if opt.grad_clip_norm > 0 else optax.identity(),
         adam,

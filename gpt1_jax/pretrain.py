@@ -15,14 +15,14 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from gpt1_jax import checkpoint, config_check, optim, sharding, storage, train_lib, workdir_guard
+from gpt1_jax import checkpoint, config_check, losses, optim, run_options, sharding, storage, train_lib, workdir_guard
 from gpt1_jax.aot import measure, slices
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.data.lm_pipeline import LMData
+from gpt1_jax.data.lm_pipeline import LMData, VocabularyTooSmallError
 from gpt1_jax.losses import lm_loss_sum
 from gpt1_jax.model import GPT1, GPT1Config
 from gpt1_jax.run_log import RunLog
-from gpt1_jax.zeroshot_tracking import ZeroShotTracker, probe_names
+from gpt1_jax.zeroshot_tracking import ZeroShotTracker, probe_examples, probe_names
 
 PEAK_FLOPS = {  # bfloat16 dense peak per device; used for MFU when train.peak_flops is 0.
     **{kind: tpu.peak_bf16_flops for tpu in slices.GENERATIONS.values() for kind in tpu.device_kinds},
@@ -68,24 +68,52 @@ def compile_pretraining(config: ConfigDict, model_cfg: GPT1Config, optimizer, sc
                         devices=None) -> train_lib.Compiled:
     """The sharded, donating L1 train step for `model_cfg` on the configured mesh (over `devices`, default all)."""
     windows = jax.ShapeDtypeStruct((config.train.batch_size, model_cfg.n_ctx + 1), jnp.int32)  # [batch, n_ctx + 1]
-    return train_lib.compile_run(config, abstract_model(model_cfg), optimizer, schedule, make_lm_loss(config),
-                                 windows, devices)
-
-
-def window_nll(model: GPT1, tokens, weights, chunk: int = 0):
-    """(sum NLL, number of tokens) of windows tokens [batch, n_ctx + 1], rows weighted by weights [batch]."""
-    hidden = model(tokens[:, :-1])  # [batch, n_ctx, width]
-    token_weights = jnp.broadcast_to(weights[:, None], tokens[:, 1:].shape)
-    return lm_loss_sum(model, hidden, tokens[:, 1:], token_weights, chunk=chunk)
+    return train_lib.compile_run(run_options.loop_options(config), abstract_model(model_cfg), optimizer, schedule,
+                                 make_lm_loss(config), windows, devices)
 
 
 def make_lm_eval_step(graphdef, config: ConfigDict):
     """(params, tokens [batch, n_ctx + 1], weights [batch]) -> (sum NLL, number of tokens)."""
 
     def eval_step(params, tokens, weights):
-        return window_nll(nnx.merge(graphdef, params), tokens, weights, config.train.loss_chunk)
+        return losses.window_nll(nnx.merge(graphdef, params), tokens, weights, config.train.loss_chunk)
 
     return eval_step
+
+
+def lm_data(config: ConfigDict) -> LMData:
+    """The run's corpus, windows and validation; a ConfigError naming model.vocab_size when it is too small."""
+    try:
+        return LMData.build(run_options.lm_data_options(config))
+    except VocabularyTooSmallError as err:
+        raise ConfigError(f"model.vocab_size={err.vocab_size} is smaller than the tokenizer's {err.tokenizer_ids:,} "
+                          f"ids: larger ids would index past the token table. Set model.vocab_size to at least "
+                          f"{err.tokenizer_ids}.") from None
+
+
+def zeroshot_probe_names(config: ConfigDict) -> list[str]:
+    """The probes of `zeroshot.tasks`, or a ConfigError naming the zeroshot key to fix."""
+    try:
+        names = probe_names(config.zeroshot.tasks)
+    except ValueError as err:
+        raise ConfigError(f"zeroshot.tasks: {err}") from None
+    if config.zeroshot.every < 0 or config.zeroshot.max_examples < 0:
+        raise ConfigError("zeroshot.every and zeroshot.max_examples must be >= 0 (0: every eval step, all examples).")
+    return names
+
+
+def zeroshot_tracker(config: ConfigDict, tokenizer) -> ZeroShotTracker:
+    """The probes' examples, read once before training so that a missing file fails the launch, not a late step."""
+    probes, examples = config.zeroshot, {}
+    for name in zeroshot_probe_names(config):
+        try:
+            with run_options.task_data_keys():
+                examples[name] = probe_examples(name, probes.split, probes.max_examples,
+                                                run_options.task_data_options(config), config.data.on_error)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"zeroshot.tasks={name!r}, zeroshot.split={probes.split!r}: {err}") from err
+    return ZeroShotTracker(examples, every=probes.every or config.train.eval_every,
+                           last_step=config.train.num_steps, tokenizer=tokenizer)
 
 
 def evaluate_lm(eval_step, params, data: LMData, mesh) -> dict[str, float]:
@@ -121,18 +149,19 @@ def pretrain(config: ConfigDict, workdir: str) -> dict[str, float]:
     workdir_path = storage.path(workdir)
     config_check.check_pretrain(config)
     model_cfg = model_config(config)
-    probe_names(config)  # before the workdir is claimed; the probe files are read after the corpus
+    zeroshot_probe_names(config)  # before the workdir is claimed; the probe files are read after the corpus
     total_steps = config.train.num_steps
-    schedule = optim.learning_rate_schedule(config.optimizer, total_steps)
+    optimizer_options = run_options.optimizer_options(config)
+    schedule = optim.learning_rate_schedule(optimizer_options, total_steps)
     abstract_params = jax.eval_shape(lambda: initial_params(model_cfg, 0))
-    optimizer = optim.make_optimizer(config.optimizer, total_steps, abstract_params)
+    optimizer = optim.make_optimizer(optimizer_options, total_steps, abstract_params)
     # On a TPU slice, a step that does not fit stops the run here, before it claims the workdir or reads data:
     # the step's shapes come from the config alone.
     compiled = measure.check_before_training(compile_pretraining(config, model_cfg, optimizer, schedule))
     with contextlib.ExitStack() as cleanup:
         cleanup.enter_context(workdir_guard.claim(workdir_path, config))  # locked until the run ends, any way
-        data = LMData.build(config)
-        probes = ZeroShotTracker(config, data.tokenizer)
+        data = lm_data(config)
+        probes = zeroshot_tracker(config, data.tokenizer)
         eval_step = jax.jit(make_lm_eval_step(compiled.graphdef, config))
         checkpointer = cleanup.enter_context(contextlib.closing(checkpoint.TrainCheckpointer(
             workdir_path / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)))
@@ -167,6 +196,7 @@ def pretrain(config: ConfigDict, workdir: str) -> dict[str, float]:
 
         recipe = train_lib.Recipe(
             total_steps=total_steps, batches=batches, evaluate=evaluate, derived=derived,
-            metadata=train_lib.run_metadata(config, model_cfg.to_dict(), data.tokenizer.fingerprint, "pretrain"))
-        _, final = train_lib.run(config, compiled, state, checkpointer, run_log, recipe)
+            metadata=train_lib.run_metadata(run_options.as_json(config), model_cfg.to_dict(),
+                                            data.tokenizer.fingerprint, "pretrain"))
+        _, final = train_lib.run(run_options.loop_options(config), compiled, state, checkpointer, run_log, recipe)
     return final

@@ -17,7 +17,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from ml_collections import ConfigDict
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +32,11 @@ PARTITION_RULES = (
 )
 
 
-def make_mesh(mesh_config: ConfigDict, devices=None) -> Mesh:
-    """A (data, fsdp) mesh over every device of every process; `mesh.fsdp` devices per fsdp group."""
+def make_mesh(fsdp: int, devices=None) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: every device of every process), `fsdp` devices a group."""
     devices = jax.devices() if devices is None else devices
-    fsdp = mesh_config.fsdp
     if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"mesh.fsdp={fsdp} must divide the device count {len(devices)}.")
+        raise ValueError(f"fsdp groups of {fsdp} devices do not divide the {len(devices)} devices.")
     grid = np.asarray(devices).reshape(len(devices) // fsdp, fsdp)
     return Mesh(grid, DATA_AXES)
 
@@ -83,3 +81,9 @@ def global_batch(local_batch, mesh: Mesh):
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)), local_batch)
 
+
+def process_rows(batch: dict) -> dict:
+    """This process's rows of a global batch given whole on every process: the share it feeds to
+    `global_batch` (rows i * n / count .. (i + 1) * n / count for process i of count)."""
+    n, count, index = len(next(iter(batch.values()))), jax.process_count(), jax.process_index()
+    return {k: v[index * n // count:(index + 1) * n // count] for k, v in batch.items()}

@@ -32,7 +32,8 @@ import spacy
 from tokenizers import models as tk_models
 
 from gpt1_jax import vocab_files
-from gpt1_jax.vocab_files import CLASSIFY_ID, DELIMITER_ID, N_SPECIAL, START_ID, VOCAB_SIZE  # noqa: F401 (re-exported)
+from gpt1_jax.constants import N_SPECIAL, VOCAB_SIZE  # noqa: F401 (re-exported)
+from gpt1_jax.vocab_files import CLASSIFY_ID, DELIMITER_ID, START_ID  # noqa: F401 (re-exported)
 
 SPECIAL_TOKENS = {START_ID: "_start_", DELIMITER_ID: "_delimiter_", CLASSIFY_ID: "_classify_"}
 UNK_ID = 0

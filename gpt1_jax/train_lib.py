@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from typing import Any, Callable, ContextManager, Iterator
 
@@ -24,9 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from ml_collections import ConfigDict
 
-from gpt1_jax import checkpoint, config_check, sharding
+from gpt1_jax import checkpoint, sharding
 from gpt1_jax.errors import UserError
 from gpt1_jax.preemption import StopRequest
 from gpt1_jax.run_log import RunLog
@@ -37,6 +35,22 @@ LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]
 
 class NonFiniteError(UserError, FloatingPointError):
     """The loss or the gradients stopped being finite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    """How `run` carries out a recipe's updates; the recipes build it from their config (`train.*`,
+    `checkpoint.every`, `mesh.fsdp`, `seed`), whose names the remedies in this module's messages use."""
+
+    seed: int  # dropout keys are (seed, step)
+    grad_accum_steps: int  # micro-batches a global batch is split into
+    fsdp: int  # devices per parameter-sharding group of the (data, fsdp) mesh
+    log_every: int
+    checkpoint_every: int
+    stop_at: int = 0  # save and return after this update (0: never)
+    nonfinite: str = "stop"  # a non-finite update: "stop" (raise) or "skip" (counted)
+    max_nonfinite_fraction: float = 0.1  # with "skip": fail at the end past this fraction of skipped updates
+    profile_steps: tuple[int, int] | None = None  # (first, last) update to trace
 
 
 @flax.struct.dataclass
@@ -77,16 +91,23 @@ def guarded_update(state: TrainState, grads, loss, optimizer) -> tuple[TrainStat
     return new_state, grad_norm
 
 
-def accumulate_gradients(loss_fn: LossFn, params, batch, accum: int, key):
-    """Mean loss, aux and gradients over `accum` micro-batches of the batch's leading axis.
+def micro_batches(rows, accum: int):
+    """rows [batch, ...] -> [accum, batch // accum, ...], the micro-batches the loop accumulates over.
 
-    Rows are grouped so each device keeps its own rows: row r goes to micro-batch r % accum.
+    Row r goes to micro-batch r % accum, so a device's rows of a data-parallel batch stay on it (no data
+    moves). The one place this layout is written: a recipe that must know which rows share a micro-batch
+    (fine-tuning sizes L1's gather by it) calls this too.
     """
+    return rows.reshape(rows.shape[0] // accum, accum, *rows.shape[1:]).swapaxes(0, 1)
+
+
+def accumulate_gradients(loss_fn: LossFn, params, batch, accum: int, key):
+    """Mean loss, aux and gradients over the `accum` micro-batches of the batch (`micro_batches`)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
         (loss, aux), grads = grad_fn(params, batch, key)
         return loss, aux, grads
-    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+    micro = jax.tree.map(lambda x: micro_batches(x, accum), batch)
 
     def body(carry, xs):
         index, mb = xs
@@ -100,18 +121,18 @@ def accumulate_gradients(loss_fn: LossFn, params, batch, accum: int, key):
     return loss / accum, jax.tree.map(lambda a: a / accum, aux), jax.tree.map(lambda g: g / accum, grads)
 
 
-def make_train_step(loss_fn: LossFn, optimizer, schedule, config: ConfigDict, mesh: jax.sharding.Mesh | None = None):
+def make_train_step(loss_fn: LossFn, optimizer, schedule, loop: LoopOptions, mesh: jax.sharding.Mesh | None = None):
     """(state, batch) -> (state, metrics): one guarded update on `loss_fn`, dropout keyed by (seed, step).
 
     Traced under `mesh` (its abstract form), so code that must know it can: the fused attention kernels run
     on each device's rows of the batch, and choose how to compile by the mesh's platform.
     """
-    base_key = jax.random.key(config.seed)
+    base_key = jax.random.key(loop.seed)
 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.fold_in(base_key, 0), state.step)  # stream 0: dropout
         with contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, config.train.grad_accum_steps, key)
+            loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, loop.grad_accum_steps, key)
         new_state, grad_norm = guarded_update(state, grads, loss, optimizer)
         return new_state, {"loss": loss, **aux, "grad_norm": grad_norm, "lr": schedule(state.step)}
 
@@ -137,7 +158,7 @@ class Compiled:
         return self.train_step.trace(self.abstract_state, self.abstract_batch).lower()
 
 
-def compile_run(config: ConfigDict, abstract_model: nnx.Module, optimizer, schedule,
+def compile_run(loop: LoopOptions, abstract_model: nnx.Module, optimizer, schedule,
                 make_loss: Callable[[Any], LossFn], batch, devices=None) -> Compiled:
     """Shapes, shardings and the jitted, donating train step for a model given without values.
 
@@ -145,12 +166,12 @@ def compile_run(config: ConfigDict, abstract_model: nnx.Module, optimizer, sched
     `jax.ShapeDtypeStruct`, each array split over the data axes on its leading dimension. `devices`:
     the mesh's, when not this process's (a TPU slice compiled for ahead of time).
     """
-    mesh = sharding.make_mesh(config.mesh, devices)
+    mesh = sharding.make_mesh(loop.fsdp, devices)
     graphdef, abstract_params = nnx.split(abstract_model)
     abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), nnx.to_pure_dict(abstract_params))
     state_shardings = sharding.tree_shardings(abstract_state, mesh)
     batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, len(x.shape)), batch)
-    train_step = jax.jit(make_train_step(make_loss(graphdef), optimizer, schedule, config, mesh),
+    train_step = jax.jit(make_train_step(make_loss(graphdef), optimizer, schedule, loop, mesh),
                          in_shardings=(state_shardings, batch_shardings),
                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
     placed = lambda tree, shardings: jax.tree.map(  # noqa: E731
@@ -175,7 +196,7 @@ def restore_or_init(checkpointer: checkpoint.TrainCheckpointer, compiled: Compil
     return TrainState(params=params, **rest), True
 
 
-def check_finite(state: TrainState, config: ConfigDict, checkpointer: checkpoint.TrainCheckpointer) -> int:
+def check_finite(state: TrainState, loop: LoopOptions, checkpointer: checkpoint.TrainCheckpointer) -> int:
     """Raise (mode "stop") naming the first bad step and what the newest checkpoint is; return the count.
 
     A non-finite update right after a restore points at the checkpoint rather than the learning rate,
@@ -184,7 +205,7 @@ def check_finite(state: TrainState, config: ConfigDict, checkpointer: checkpoint
     when the run merely found it there.
     """
     bad = int(state.nonfinite_steps)
-    if not bad or config.train.nonfinite != "stop":
+    if not bad or loop.nonfinite != "stop":
         return bad
     first = int(state.first_nonfinite_step) + 1
     directory, resumed = checkpointer.directory, checkpointer.resumed_step
@@ -209,7 +230,7 @@ def check_finite(state: TrainState, config: ConfigDict, checkpointer: checkpoint
         f"saved. {newest}. Lower optimizer.lr, check the data, or set train.nonfinite=skip to skip such steps.")
 
 
-def report_skipped(state: TrainState, config: ConfigDict, run_log: RunLog) -> None:
+def report_skipped(state: TrainState, loop: LoopOptions, run_log: RunLog) -> None:
     """Say how many updates `train.nonfinite=skip` skipped; fail past `train.max_nonfinite_fraction` of them.
 
     A run that skipped most of its updates exits 0 otherwise, with parameters that barely trained.
@@ -219,17 +240,17 @@ def report_skipped(state: TrainState, config: ConfigDict, run_log: RunLog) -> No
         return
     run_log.message(f"Warning: {bad} of {steps} updates had a non-finite loss or gradient and were skipped "
                     "(train.nonfinite=skip).")
-    if bad > config.train.max_nonfinite_fraction * steps:
+    if bad > loop.max_nonfinite_fraction * steps:
         raise NonFiniteError(
             f"{bad} of {steps} updates ({bad / steps:.0%}) were skipped as non-finite, more than "
-            f"train.max_nonfinite_fraction={config.train.max_nonfinite_fraction}: the model hardly trained. Lower "
+            f"train.max_nonfinite_fraction={loop.max_nonfinite_fraction}: the model hardly trained. Lower "
             "optimizer.lr, check the data, or raise train.max_nonfinite_fraction.")
 
 
-def run_metadata(config: ConfigDict, model_config: dict, tokenizer_identity: str, kind: str) -> dict:
-    """What every checkpoint of a run records beside its arrays (read by fine-tuning and the report)."""
-    return {"model_config": model_config, "tokenizer": tokenizer_identity, "kind": kind,
-            "config": json.loads(config.to_json_best_effort())}
+def run_metadata(run_config: dict, model_config: dict, tokenizer_identity: str, kind: str) -> dict:
+    """What every checkpoint of a run records beside its arrays (read by fine-tuning and the report):
+    `run_config` is the run's whole config as JSON values."""
+    return {"model_config": model_config, "tokenizer": tokenizer_identity, "kind": kind, "config": run_config}
 
 
 @dataclasses.dataclass
@@ -278,7 +299,7 @@ class StepProfiler:
             self.active = False
 
 
-def run(config: ConfigDict, compiled: Compiled, state: TrainState, checkpointer: checkpoint.TrainCheckpointer,
+def run(loop: LoopOptions, compiled: Compiled, state: TrainState, checkpointer: checkpoint.TrainCheckpointer,
         run_log: RunLog, recipe: Recipe) -> tuple[TrainState, dict[str, float]]:
     """Train from `state` to `recipe.total_steps`; returns the final state and the last scalars logged.
 
@@ -288,7 +309,7 @@ def run(config: ConfigDict, compiled: Compiled, state: TrainState, checkpointer:
     """
     start = int(state.step)
     final: dict[str, float] = {}
-    profiler = StepProfiler(config_check.profile_window(config), run_log.tensorboard_dir)
+    profiler = StepProfiler(loop.profile_steps, run_log.tensorboard_dir)
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(StopRequest())
         batches = stack.enter_context(recipe.batches(start))
@@ -305,8 +326,8 @@ def run(config: ConfigDict, compiled: Compiled, state: TrainState, checkpointer:
             jax.block_until_ready(in_flight)
             in_flight = metrics
             run_log.advance()
-            if done % config.train.log_every == 0 or done == recipe.total_steps:
-                check_finite(state, config, checkpointer)
+            if done % loop.log_every == 0 or done == recipe.total_steps:
+                check_finite(state, loop, checkpointer)
                 now = time.perf_counter()
                 seconds_per_step = (now - last_time) / (done - last_step)
                 last_time, last_step = now, done
@@ -319,12 +340,12 @@ def run(config: ConfigDict, compiled: Compiled, state: TrainState, checkpointer:
             if scores:
                 run_log.write(done, scores)
                 final.update(scores)
-            pause = done == config.train.stop_at
+            pause = done == loop.stop_at
             if jax.process_count() > 1 and checkpointer.reached_preemption(done):
                 stop.request("preemption notice")
-            if (done % config.checkpoint.every == 0 or done == recipe.total_steps or recipe.save_due(done)
+            if (done % loop.checkpoint_every == 0 or done == recipe.total_steps or recipe.save_due(done)
                     or stop.requested or pause):
-                check_finite(state, config, checkpointer)
+                check_finite(state, loop, checkpointer)
                 checkpointer.save(done, state.params, state.rest(), recipe.metadata)
                 run_log.sync()  # a bucket workdir's metrics reach at least this checkpoint
             if pause or stop.requested:
@@ -335,5 +356,5 @@ def run(config: ConfigDict, compiled: Compiled, state: TrainState, checkpointer:
                 final["stopped_at"] = float(done)
                 break
     if "stopped_at" not in final:
-        report_skipped(state, config, run_log)
+        report_skipped(state, loop, run_log)
     return state, final

@@ -21,6 +21,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from gpt1_jax.constants import DATA_ENV, VOCAB_SIZE
 from gpt1_jax.errors import UserError
 
 ENCODER_FILE = "encoder_bpe_40000.json"
@@ -31,13 +32,7 @@ VOCAB_FILES = (ENCODER_FILE, MERGES_FILE)
 SOURCE_URL = "https://raw.githubusercontent.com/openai/finetune-transformer-lm/master/model/"
 
 VOCAB_ENV = "GPT1_JAX_VOCAB"
-# The local data root laid out like shared/data (vocabulary, task files, books), for every module that reads it.
-DATA_ENV = "GPT1_JAX_DATA"
 
-# The released vocabulary's 40,478 BPE ids, then the three tokens fine-tuning adds after them, in the
-# released code's order (train.py: encoder['_start_'] = len(encoder), then _delimiter_, then _classify_).
-VOCAB_SIZE = 40478
-N_SPECIAL = 3
 START_ID, DELIMITER_ID, CLASSIFY_ID = VOCAB_SIZE, VOCAB_SIZE + 1, VOCAB_SIZE + 2
 
 

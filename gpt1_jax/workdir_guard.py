@@ -38,7 +38,7 @@ from typing import Iterator
 import jax
 from ml_collections import ConfigDict
 
-from gpt1_jax import checkpoint, optim, storage
+from gpt1_jax import checkpoint, optim, run_options, storage
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.errors import UserError
 
@@ -297,8 +297,8 @@ def _schedule_change(config: ConfigDict, previous: dict, step: int) -> str:
         return (f"the {name} schedule is recomputed for the new number of updates; from the latest checkpoint "
                 f"(step {step}) on, the learning rate follows it.")
     old_total, new_total = _value(previous, "train.num_steps"), config.train.num_steps
-    lr_old = float(optim.learning_rate_schedule(config.optimizer, old_total)(step))
-    lr_new = float(optim.learning_rate_schedule(config.optimizer, new_total)(step))
+    lr_old = float(optim.learning_rate_schedule(run_options.optimizer_options(config), old_total)(step))
+    lr_new = float(optim.learning_rate_schedule(run_options.optimizer_options(config), new_total)(step))
     said = (f"the {name} schedule is recomputed for {new_total} steps; at the resumed step {step} the learning rate "
             f"goes from {lr_old:.3g} to {lr_new:.3g}")
     return said + (f"; step {step} is already past {new_total}, so the run ends at once." if step >= new_total else ".")

@@ -19,7 +19,7 @@ import pytest
 from absl import logging as absl_logging
 from flax import nnx
 
-from gpt1_jax import checkpoint, convert, tasks
+from gpt1_jax import checkpoint, tasks, weight_formats
 from gpt1_jax.heads import TaskModel
 from gpt1_jax.model import GPT1, GPT1Config
 
@@ -257,5 +257,5 @@ def test_a_fine_tuning_checkpoint_gives_its_backbone_where_a_pre_trained_one_is_
     assert config == backbone_config and metadata["kind"] == "finetune"
     jax.tree.map(np.testing.assert_array_equal, loaded, params["backbone"])
     assert "fine-tuning checkpoint" in caplog.text and "dropping its task head" in caplog.text
-    model = convert.model_from_params(config, loaded)  # what generate and convert build from it
+    model = weight_formats.model_from_params(config, loaded)  # what generate and convert build from it
     assert model(np.zeros((1, 4), np.int32)).shape == (1, 4, SMALL.width)

@@ -15,7 +15,8 @@ from flax import nnx
 from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
 from gpt1_jax import checkpoint, convert
-from gpt1_jax.convert import (
+from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.weight_formats import (
     DEFAULT_N_HEAD,
     WeightFormatError,
     load_hf,
@@ -25,7 +26,6 @@ from gpt1_jax.convert import (
     params_of,
     save_hf,
 )
-from gpt1_jax.model import GPT1, GPT1Config
 
 SMALL_HF = dict(vocab_size=500, n_positions=64, n_embd=64, n_layer=3, n_head=4)
 SMALL_12_HEADS = dict(SMALL_HF, n_embd=48, n_head=12)  # a width GPT-1's default 12 heads divide

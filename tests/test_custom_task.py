@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import finetune as finetune_recipe
-from gpt1_jax import custom_task, finetune, train_cli
+from gpt1_jax import custom_task, finetune, run_options, train_cli
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import task_inputs
 from gpt1_jax.data.task_readers import DataError
@@ -183,7 +183,7 @@ def custom_config(tmp_path, **custom):
 
 def load(config):
     spec = finetune.check_config(config)
-    return task_inputs.train_and_evals(spec, config)
+    return task_inputs.train_and_evals(spec, run_options.task_data_options(config))
 
 
 @pytest.fixture
@@ -284,6 +284,6 @@ def test_any_tfds_dataset_by_name_with_the_same_column_keys(tmp_path):
                            uid="idx", splits="train=train,validation=validation,test=test")
     with tfds.testing.mock_data(num_examples=6):
         spec = finetune.check_config(config)
-        train_examples, evals = task_inputs.train_and_evals(spec, config)
+        train_examples, evals = task_inputs.train_and_evals(spec, run_options.task_data_options(config))
     assert spec.label_names == ("negative", "positive") and spec.name == custom_task.NAME
     assert len(train_examples) == 6 and len(evals["validation"]) == 6

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from gpt1_jax import checkpoint, evaluate
-from gpt1_jax.convert import model_from_params
 from gpt1_jax.tokenizer import GPT1Tokenizer
+from gpt1_jax.weight_formats import model_from_params
 
 UNSEEN_BOOKS = "local:corpus/gutenberg/1[12][05]*-0.txt"  # 1155 and 120: not among the tiny recipe's books
 

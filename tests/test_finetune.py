@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from configs import finetune as finetune_recipe
-from gpt1_jax import checkpoint, convert, finetune, tasks
+from gpt1_jax import checkpoint, finetune, finetune_start, tasks, weight_formats
 from gpt1_jax.config_check import ConfigError
+from gpt1_jax.constants import SHAPE_KEYS
 from gpt1_jax.data import task_inputs
 from gpt1_jax.run_log import read_metrics
 from pretrain_helpers import REPO, losses, wait_for_step
@@ -41,7 +42,7 @@ def tiny_config(init="", **finetune):
 @pytest.mark.slow
 def test_orbax_checkpoint_restores_the_backbone(pretrained):
     cfg, params, _ = checkpoint.load_pretrained(pretrained)
-    model_cfg, ft_params, description = finetune.build_params(tiny_config(pretrained), tasks.get_task("sst2"), 0)
+    model_cfg, ft_params, description = finetune_start.build_params(tiny_config(pretrained), tasks.get_task("sst2"), 0)
     assert model_cfg.n_special == 3 and "pre-trained" in description
     backbone = ft_params["backbone"]
     for got, want in zip(jax.tree.leaves(backbone["blocks"]), jax.tree.leaves(params["blocks"])):
@@ -54,7 +55,7 @@ def test_orbax_checkpoint_restores_the_backbone(pretrained):
 def test_transfer_one_layer_keeps_only_layer_zero(pretrained):
     """Sec. 5 (Figure 2 left): embeddings + the first k layers pre-trained, the rest fresh."""
     _, params, _ = checkpoint.load_pretrained(pretrained)
-    _, ft_params, _ = finetune.build_params(tiny_config(pretrained, transfer_layers=1), tasks.get_task("sst2"), 0)
+    _, ft_params, _ = finetune_start.build_params(tiny_config(pretrained, transfer_layers=1), tasks.get_task("sst2"), 0)
     got, want = ft_params["backbone"]["blocks"]["attn"]["qkv"]["kernel"], params["blocks"]["attn"]["qkv"]["kernel"]
     np.testing.assert_array_equal(got[0], want[0])
     assert not np.allclose(got[1], want[1])
@@ -68,18 +69,18 @@ def test_hf_folder_is_a_starting_point(tmp_path):
     hf = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(
         vocab_size=40478, n_positions=32, n_embd=32, n_layer=2, n_head=2))
     hf.save_pretrained(tmp_path / "hf")
-    _, expected = convert.load_hf(tmp_path / "hf")
+    _, expected = weight_formats.load_hf(tmp_path / "hf")
     config = tiny_config(f"hf:{tmp_path / 'hf'}")
-    for key in finetune.SHAPE_KEYS:
+    for key in SHAPE_KEYS:
         config.model[key] = 0  # take every size from the folder
-    model_cfg, ft_params, _ = finetune.build_params(config, tasks.get_task("rte"), 0)
+    model_cfg, ft_params, _ = finetune_start.build_params(config, tasks.get_task("rte"), 0)
     assert (model_cfg.width, model_cfg.n_layer, model_cfg.n_ctx) == (32, 2, 32)
     np.testing.assert_array_equal(ft_params["backbone"]["blocks"]["mlp"]["fc"]["kernel"],
                                   expected["blocks"]["mlp"]["fc"]["kernel"])
 
 
 def test_scratch_uses_config_model_sizes():
-    model_cfg, ft_params, description = finetune.build_params(tiny_config(""), tasks.get_task("sst2"), 0)
+    model_cfg, ft_params, description = finetune_start.build_params(tiny_config(""), tasks.get_task("sst2"), 0)
     assert (model_cfg.width, model_cfg.n_layer, model_cfg.n_special) == (64, 2, 3)
     assert "scratch" in description and set(ft_params) == {"backbone", "head"}
 
@@ -99,7 +100,7 @@ def test_checkpoint_of_another_width_is_a_clear_error(pretrained):
     config = tiny_config(pretrained)
     config.model.width = 128
     with pytest.raises(ConfigError, match="model.width=128.*width=64"):
-        finetune.build_params(config, tasks.get_task("sst2"), 0)
+        finetune_start.build_params(config, tasks.get_task("sst2"), 0)
 
 
 def test_an_epoch_drops_its_last_partial_batch():
@@ -118,7 +119,7 @@ def test_the_lm_gather_has_room_for_every_real_target_of_the_runs_batches(data_r
     positions, or the gather saves nothing."""
     monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
     config = finetune_recipe.get_config("mini")
-    data = task_inputs.load(config, tasks.get_task(config.task), 128)
+    data = finetune.task_data(config, tasks.get_task(config.task), 128)
     for accum in (1, 2):
         config.train.grad_accum_steps = accum
         slots = finetune.needed_lm_target_slots(data.train, config)

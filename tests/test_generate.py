@@ -12,9 +12,9 @@ from flax import nnx
 from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
 from gpt1_jax import checkpoint
-from gpt1_jax.convert import load_hf, model_from_params, params_of
 from gpt1_jax.generate import generate, main, sample_logits
 from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.weight_formats import load_hf, model_from_params, params_of
 
 PROMPTS = np.array([[3, 14, 15, 92, 65], [35, 89, 79, 32, 38]])  # [batch, seq]
 N_NEW = 10

@@ -145,7 +145,6 @@ from flax import nnx
 from gpt1_jax import sharding, tasks
 from gpt1_jax.heads import TaskModel, task_loss
 from gpt1_jax.model import GPT1, GPT1Config
-from ml_collections import ConfigDict
 
 assert jax.device_count() == 8
 rngs = nnx.Rngs(0)
@@ -159,7 +158,7 @@ batch = {"tokens": np.where(mask > 0, rng.integers(0, 40478, mask.shape), 0).ast
          "weights": (lengths > 0).astype(np.float32)}
 slots = int(np.maximum(lengths - 1, 0).reshape(8, 2).sum(1).max())
 graphdef, params = nnx.split(model)
-mesh = sharding.make_mesh(ConfigDict({"fsdp": 1}))
+mesh = sharding.make_mesh(1)
 placed = {k: jax.device_put(v, sharding.batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
 
 def loss(params, batch, slots, shards):

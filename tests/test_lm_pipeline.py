@@ -1,4 +1,5 @@
-"""gpt1_jax/data/lm_pipeline.py: a run's source, cache, training windows and validation, from its config."""
+"""gpt1_jax/data/lm_pipeline.py: a run's source, cache, training windows and validation, from its config (through
+the pre-training recipe's `lm_data`, which builds the pipeline's options)."""
 
 import math
 
@@ -6,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from gpt1_jax import pretrain
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import lm_batches, lm_pipeline
 from gpt1_jax.data.lm_pipeline import LMData
@@ -20,12 +22,12 @@ def build_as_process(config, monkeypatch, index: int, count: int) -> LMData:
     with monkeypatch.context() as patch:
         patch.setattr(jax, "process_index", lambda: index)
         patch.setattr(jax, "process_count", lambda: count)
-        return LMData.build(config)
+        return pretrain.lm_data(config)
 
 
 def test_build_on_a_real_book_gives_windows_of_its_text_and_fixed_validation(token_cache_dir):
     config = tiny_config(token_cache_dir)  # Alice in Wonderland, n_ctx 32, batches of 8, 2 validation batches
-    data = LMData.build(config)
+    data = pretrain.lm_data(config)
     assert data.rows == slice(0, 8)
     assert data.tokenizer.decode(data.sampler.tokens[:5]) == "alice 's adventures in wonderland"
     assert data.sampler.batch(0).shape == (8, 33)
@@ -38,7 +40,7 @@ def test_build_on_a_real_book_gives_windows_of_its_text_and_fixed_validation(tok
 
 
 def test_unigram_baseline_of_a_real_book_lies_between_uniform_and_certain(token_cache_dir):
-    data = LMData.build(tiny_config(token_cache_dir))
+    data = pretrain.lm_data(tiny_config(token_cache_dir))
     # Word frequencies of English text: far better than uniform over 40,478 ids, far from perfect.
     assert 100 < data.unigram_perplexity < 2_000
 
@@ -46,7 +48,7 @@ def test_unigram_baseline_of_a_real_book_lies_between_uniform_and_certain(token_
 def test_a_vocabulary_smaller_than_the_tokenizers_ids_is_refused_before_compiling(token_cache_dir):
     """Ids past the table gave a non-finite loss that blamed the learning rate."""
     with pytest.raises(ConfigError, match=r"model\.vocab_size=100 is smaller than the tokenizer's 40,478 ids"):
-        LMData.build(tiny_config(token_cache_dir, **{"model.vocab_size": 100}))
+        pretrain.lm_data(tiny_config(token_cache_dir, **{"model.vocab_size": 100}))
 
 
 def test_a_corpus_that_is_not_utf8_is_refused_unless_data_allow_replacement(tmp_path, token_cache_dir):
@@ -55,9 +57,9 @@ def test_a_corpus_that_is_not_utf8_is_refused_unless_data_allow_replacement(tmp_
     config = tiny_config(tmp_path / "cache", **{"data.source": f"files:{noise}", "data.val_fraction": 0.1,
                                                 "train.eval_batches": 1})
     with pytest.raises(CorpusError, match=r"noise\.txt: .* invalid UTF-8 .*data\.allow_replacement=True"):
-        LMData.build(config)
+        pretrain.lm_data(config)
     config.data.allow_replacement = True
-    assert LMData.build(config).sampler.tokens.size > 0
+    assert pretrain.lm_data(config).sampler.tokens.size > 0
 
 
 def test_unigram_perplexity_matches_a_hand_computation():
@@ -87,7 +89,7 @@ def test_sharded_processes_each_read_their_own_book_and_draw_their_own_rows(toke
 
 def test_unsharded_processes_take_slices_that_tile_the_one_process_batch(token_cache_dir, monkeypatch):
     config = tiny_config(token_cache_dir, **{"data.shard_by_process": False})
-    whole = LMData.build(config)
+    whole = pretrain.lm_data(config)
     parts = [build_as_process(config, monkeypatch, index, 2) for index in range(2)]
     assert [p.rows for p in parts] == [slice(0, 4), slice(4, 8)]
     for step in range(3):

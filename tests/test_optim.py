@@ -1,5 +1,6 @@
 """The optimiser: the paper's schedules, the released code's warmup_linear and Adam, the decay mask."""
 
+import dataclasses
 import math
 
 import jax
@@ -7,14 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from ml_collections import ConfigDict
 
 from configs import tiny_pretrain
-from gpt1_jax import config_check, optim, pretrain
+from gpt1_jax import config_check, optim, pretrain, run_options
+
+
+def options(**changes) -> optim.OptimizerOptions:
+    """The recipes' optimizer (the released code's Adam), as the recipe hands it down, with `changes`."""
+    return dataclasses.replace(run_options.optimizer_options(tiny_pretrain.get_config()), **changes)
 
 
 def test_learning_rate_schedule_follows_the_papers_formula():
-    opt = ConfigDict(dict(lr=2.5e-4, schedule="warmup_cosine", warmup_steps=2000, warmup_fraction=0.0))
+    opt = options(lr=2.5e-4, schedule="warmup_cosine", warmup_steps=2000)
     total = 100_000
     schedule = optim.learning_rate_schedule(opt, total)
 
@@ -31,7 +36,7 @@ def test_learning_rate_schedule_follows_the_papers_formula():
 
 def test_finetuning_schedule_is_the_released_warmup_linear():
     """opt.py: (s * x / warmup + (1 - s)) * (1 - x) with s = (x <= warmup); the (1 - x) applies in warm-up too."""
-    opt = ConfigDict(dict(lr=6.25e-5, schedule="warmup_linear", warmup_steps=0, warmup_fraction=0.002))
+    opt = options(lr=6.25e-5, schedule="warmup_linear", warmup_fraction=0.002)
     schedule = optim.learning_rate_schedule(opt, 10_000)
     assert float(schedule(0)) == 0.0
     assert float(schedule(10)) == pytest.approx(6.25e-5 * 0.5 * (1 - 0.001), rel=1e-6)
@@ -45,12 +50,8 @@ def test_finetuning_schedule_is_the_released_warmup_linear():
 def test_weight_decay_skips_biases_and_gains_but_not_matrices(kind):
     """The release decays rank > 1 tensors by lr_t * l2 * p, lr_t carrying Adam's bias correction;
     optax.adamw decays by lr * wd * p."""
-    config = tiny_pretrain.get_config()
-    config.optimizer.kind = kind
-    config.optimizer.grad_clip_norm = 0.0
-    config.optimizer.schedule = "constant"
-    opt = config.optimizer
-    params = pretrain.initial_params(pretrain.model_config(config), 0)
+    opt = options(kind=kind, grad_clip_norm=0.0, schedule="constant")
+    params = pretrain.initial_params(pretrain.model_config(tiny_pretrain.get_config()), 0)
     optimizer = optim.make_optimizer(opt, 10, params)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
@@ -68,8 +69,8 @@ def test_weight_decay_skips_biases_and_gains_but_not_matrices(kind):
 def test_released_adam_adds_epsilon_before_the_bias_correction():
     """A gradient of 1e-8 after one update: the release moves lr * c * (0.1e-8 / (1e-9 * sqrt(0.001)... + 1e-8)),
     optax.adamw nearly a full lr (eps is added to the corrected sqrt(v))."""
-    opt = ConfigDict(dict(kind="released", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                          grad_clip_norm=0.0, schedule="constant", warmup_steps=0, warmup_fraction=0.0))
+    opt = options(kind="released", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0,
+                  schedule="constant")
     params = {"b": jnp.zeros(3)}
     grads = {"b": jnp.full(3, 1e-8)}
     released_adam = optim.make_optimizer(opt, 10, params)
@@ -77,8 +78,7 @@ def test_released_adam_adds_epsilon_before_the_bias_correction():
     m, v = 0.1 * 1e-8, math.sqrt(0.001) * 1e-8
     expected = -1e-3 * math.sqrt(1 - 0.999) / (1 - 0.9) * m / (v + 1e-8)
     np.testing.assert_allclose(released["b"], expected, rtol=1e-5)
-    opt.kind = "adamw"
-    adamw = optim.make_optimizer(opt, 10, params)
+    adamw = optim.make_optimizer(dataclasses.replace(opt, kind="adamw"), 10, params)
     moved, _ = adamw.update(grads, adamw.init(params), params)
     assert float(jnp.abs(moved["b"][0])) > 10 * abs(expected)
 

@@ -7,7 +7,6 @@ from ml_collections import ConfigDict
 
 from gpt1_jax import pretrain
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.data.lm_pipeline import LMData
 from gpt1_jax.run_log import read_metrics
 from pretrain_helpers import assert_trees_equal, final_params, losses, tiny_config
 
@@ -20,7 +19,8 @@ def test_tiny_config_falls_well_below_the_unigram_baseline(tiny_pretraining):
     beating it by this much means the model predicts from its context, not from word counts alone.
     """
     metrics = read_metrics(tiny_pretraining)
-    unigram = LMData.build(ConfigDict(json.loads((tiny_pretraining / "config.json").read_text()))).unigram_perplexity
+    run_config = ConfigDict(json.loads((tiny_pretraining / "config.json").read_text()))
+    unigram = pretrain.lm_data(run_config).unigram_perplexity
     validation = {m["step"]: m["val_perplexity"] for m in metrics if "val_perplexity" in m}
     print(f"\nunigram perplexity {unigram:.1f}, validation perplexity by step {validation}")
     assert validation[300] < 0.75 * unigram

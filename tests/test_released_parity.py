@@ -20,7 +20,7 @@ import torch
 from flax import nnx
 
 from configs import finetune as finetune_recipe
-from gpt1_jax import convert, finetune, optim, tasks, train_lib
+from gpt1_jax import convert, finetune, finetune_start, optim, run_options, tasks, train_lib
 from gpt1_jax.data import task_inputs
 from gpt1_jax.heads import TaskModel, task_loss
 from gpt1_jax.tokenizer import CLASSIFY_ID, DELIMITER_ID, START_ID, GPT1Tokenizer
@@ -173,10 +173,10 @@ def setup(tmp_path_factory, data_root):
     config.finetune.clf_dropout = 0.0
     config.train.batch_size = BATCH
     spec = tasks.get_task("story_cloze")
-    model_cfg, params, _ = finetune.build_params(config, spec, seed=0)
+    model_cfg, params, _ = finetune_start.build_params(config, spec, seed=0)
     assert (model_cfg.width, model_cfg.n_layer, model_cfg.n_head, model_cfg.n_ctx) == (WIDTH, N_LAYER, N_HEAD, N_CTX)
 
-    stories = task_inputs.read_split(spec, "validation", config)[:BATCH]
+    stories = task_inputs.read_split(spec, "validation", run_options.task_data_options(config))[:BATCH]
     encoded = task_inputs.encode_examples(stories, GPT1Tokenizer.from_files().encode_batch)
     seq = task_inputs.context_length(encoded, spec.kind, N_CTX)
     arrays_in = task_inputs.build_inputs(encoded, spec.kind, N_CTX, seq_len=seq)
@@ -210,7 +210,7 @@ def release_layout(params: dict, seq: int) -> dict[str, np.ndarray]:
 
 
 def our_model(setup) -> TaskModel:
-    abstract = finetune.abstract_model(setup["model_cfg"], setup["spec"], 0.0)
+    abstract = finetune_start.abstract_model(setup["model_cfg"], setup["spec"], 0.0)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, setup["params"]))
     return nnx.merge(graphdef, state)
@@ -275,9 +275,10 @@ def test_three_updates_match_the_released_optimizer_and_schedule(setup):
     config, batch, ref = setup["config"], setup["batch"], setup["reference"]
     initial = release_layout(setup["params"], setup["seq"])
     graphdef, _ = nnx.split(our_model(setup))
-    schedule = optim.learning_rate_schedule(config.optimizer, TOTAL_UPDATES)
-    optimizer = optim.make_optimizer(config.optimizer, TOTAL_UPDATES, setup["params"])
-    step = jax.jit(train_lib.make_train_step(finetune.make_task_loss(config)(graphdef), optimizer, schedule, config))
+    schedule = optim.learning_rate_schedule(run_options.optimizer_options(config), TOTAL_UPDATES)
+    optimizer = optim.make_optimizer(run_options.optimizer_options(config), TOTAL_UPDATES, setup["params"])
+    loss = finetune.make_task_loss(config)(graphdef)
+    step = jax.jit(train_lib.make_train_step(loss, optimizer, schedule, run_options.loop_options(config)))
     state = train_lib.init_state(jax.tree.map(jnp.asarray, setup["params"]), optimizer)
     inputs = {k: batch[k] for k in finetune.TRAIN_KEYS}
     lrs = []

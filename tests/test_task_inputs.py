@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import finetune as finetune_recipe
-from gpt1_jax import finetune, tasks
+from gpt1_jax import finetune, run_options, tasks
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import task_inputs
 from gpt1_jax.data.task_readers import DataError, Example
@@ -130,8 +130,12 @@ def test_real_sst2_dev_builds_within_context(data_root):
 def test_missing_training_file_names_it(data_root, monkeypatch):
     monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
     config = tiny_config("")
-    with pytest.raises(ConfigError, match="snli.*train.*task_source=tfds"):
-        task_inputs.read_split(tasks.get_task("snli"), "train", config)
+    missing = r"task 'snli' has no local 'train' file under \$GPT1_JAX_DATA"
+    with pytest.raises(task_inputs.TaskFileMissingError, match=missing):
+        task_inputs.read_split(tasks.get_task("snli"), "train", run_options.task_data_options(config))
+    # The recipe names the key that reads it from TFDS instead.
+    with pytest.raises(ConfigError, match=r"snli.*train.*--config\.data\.task_source=tfds \(TFDS snli"):
+        finetune.task_data(config, tasks.get_task("snli"), 128)
 
 
 def test_story_cloze_holds_out_the_released_codes_374_stories(data_root, monkeypatch):
@@ -139,8 +143,9 @@ def test_story_cloze_holds_out_the_released_codes_374_stories(data_root, monkeyp
     train_test_split = pytest.importorskip("sklearn.model_selection").train_test_split
     monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
     config, spec = tiny_config(""), tasks.get_task("story_cloze")
-    train, evals = task_inputs.train_and_evals(spec, config)
-    stories = [ex.uid for ex in task_inputs.read_split(spec, "validation", config)]
+    options = run_options.task_data_options(config)
+    train, evals = task_inputs.train_and_evals(spec, options)
+    stories = [ex.uid for ex in task_inputs.read_split(spec, "validation", options)]
     released_train, released_dev = train_test_split(stories, test_size=374, random_state=3535999445)
     assert [ex.uid for ex in evals["validation"]] == released_dev
     assert [ex.uid for ex in train] == released_train and len(train) == 1497
@@ -154,10 +159,10 @@ def test_train_from_eval_trains_a_task_whose_training_file_is_missing_on_its_dev
     their dev split less the held-out part, as Story Cloze does; without it they stop naming the file."""
     monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
     config, spec = tiny_config(""), tasks.get_task(task)
-    with pytest.raises(ConfigError, match=r"train.*task_source=tfds"):
-        task_inputs.train_and_evals(spec, config)
+    with pytest.raises(task_inputs.TaskFileMissingError, match=r"train"):
+        task_inputs.train_and_evals(spec, run_options.task_data_options(config))
     config.finetune.train_from_eval = True
-    train, evals = task_inputs.train_and_evals(spec, config)
+    train, evals = task_inputs.train_and_evals(spec, run_options.task_data_options(config))
     held = config.finetune.heldout_examples
     assert len(train) == n_first - held and len(evals[first]) == held
     assert not {ex.uid for ex in train} & {ex.uid for ex in evals[first]}
@@ -169,8 +174,9 @@ def test_train_from_eval_leaves_a_task_with_its_training_file_alone(data_root, m
     monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
     config, spec = tiny_config(""), tasks.get_task("rte")
     config.finetune.train_from_eval = True
-    train, evals = task_inputs.train_and_evals(spec, config)
-    assert len(train) == len(task_inputs.read_split(spec, "train", config)) and len(evals["validation"]) == 277
+    options = run_options.task_data_options(config)
+    train, evals = task_inputs.train_and_evals(spec, options)
+    assert len(train) == len(task_inputs.read_split(spec, "train", options)) and len(evals["validation"]) == 277
 
 
 def test_data_on_error_skips_and_counts_bad_rows_of_a_registered_task(tmp_path, monkeypatch, caplog):
@@ -182,7 +188,7 @@ def test_data_on_error_skips_and_counts_bad_rows_of_a_registered_task(tmp_path, 
     config = tiny_config()
     config.task = "rte"
     with pytest.raises(DataError, match=r"dev.tsv:3: expected 4 columns.*data.on_error=skip"):
-        task_inputs.read_split(finetune.task_spec(config), "validation", config)
+        task_inputs.read_split(finetune.task_spec(config), "validation", run_options.task_data_options(config))
     config.data.on_error = "skip"
-    examples = task_inputs.read_split(finetune.task_spec(config), "validation", config)
+    examples = task_inputs.read_split(finetune.task_spec(config), "validation", run_options.task_data_options(config))
     assert [ex.label for ex in examples] == [0, 1] and "skipped 1 malformed rows" in caplog.text

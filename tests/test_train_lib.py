@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny_pretrain
-from gpt1_jax import checkpoint, optim, pretrain, train_lib
+from gpt1_jax import checkpoint, optim, pretrain, run_options, train_lib
 from gpt1_jax.config_check import ConfigError, check_common
 from gpt1_jax.run_log import RunLog, read_metrics
 
@@ -34,9 +34,9 @@ def fixed_batches(config, n: int) -> list[np.ndarray]:
 def compile_recipe(config):
     """(model config, optimizer, compiled step) of the tiny LM for STEPS updates."""
     model_cfg = pretrain.model_config(config)
-    schedule = optim.learning_rate_schedule(config.optimizer, STEPS)
+    schedule = optim.learning_rate_schedule(run_options.optimizer_options(config), STEPS)
     abstract_params = jax.eval_shape(lambda: pretrain.initial_params(model_cfg, 0))
-    optimizer = optim.make_optimizer(config.optimizer, STEPS, abstract_params)
+    optimizer = optim.make_optimizer(run_options.optimizer_options(config), STEPS, abstract_params)
     return model_cfg, optimizer, pretrain.compile_pretraining(config, model_cfg, optimizer, schedule)
 
 
@@ -59,7 +59,7 @@ def run_recipe(config, workdir, *, evaluate=None, save_due=None):
         state, _ = train_lib.restore_or_init(ckpt, compiled, lambda: pretrain.initial_params(model_cfg, 0), optimizer)
         with contextlib.closing(RunLog(workdir, total_steps=STEPS, initial_step=int(state.step),
                                        description="test")) as run_log:
-            _, final = train_lib.run(config, compiled, state, ckpt, run_log, recipe)
+            _, final = train_lib.run(run_options.loop_options(config), compiled, state, ckpt, run_log, recipe)
         return final, consumed, ckpt.steps()
 
 
@@ -100,7 +100,7 @@ def test_the_loop_stays_within_one_update_of_the_device(tmp_path):
     with contextlib.closing(checkpoint.TrainCheckpointer(tmp_path / "checkpoints", keep=1, async_save=False)) as ckpt:
         state = train_lib.place_state(pretrain.initial_params(model_cfg, 0), optimizer, compiled)
         with contextlib.closing(RunLog(tmp_path, total_steps=12, initial_step=0, description="test")) as run_log:
-            train_lib.run(config, compiled, state, ckpt, run_log, recipe)
+            train_lib.run(run_options.loop_options(config), compiled, state, ckpt, run_log, recipe)
     assert len(unfinished) == 12 and max(unfinished) <= 1, unfinished
 
 

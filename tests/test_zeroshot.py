@@ -8,14 +8,14 @@ from flax import nnx
 
 from gpt1_jax import checkpoint, pretrain
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.convert import model_from_params
 from gpt1_jax.data.task_readers import read_task
 from gpt1_jax.generate import score_continuations
 from gpt1_jax.model import GPT1, GPT1Config
 from gpt1_jax.run_log import read_metrics
 from gpt1_jax.tasks import get_task
 from gpt1_jax.tokenizer import GPT1Tokenizer
-from gpt1_jax.zeroshot import run_probe
+from gpt1_jax.weight_formats import model_from_params
+from gpt1_jax.zeroshot_probes import run_probe
 from pretrain_helpers import tiny_config
 
 

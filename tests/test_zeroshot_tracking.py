@@ -1,4 +1,5 @@
-"""Zero-shot probes during pre-training: `zeroshot.*` checked, probe examples read at construction, `due` schedule.
+"""Zero-shot probes during pre-training: `zeroshot.*` checked and the probe examples read by the recipe before
+training (`pretrain.zeroshot_tracker`), the tracker's `due` schedule.
 
 (The probes logged by a pre-training run, and an unknown probe failing its launch: test_zeroshot.py.)
 """
@@ -6,11 +7,10 @@
 import pytest
 
 from configs import tiny_pretrain
-from gpt1_jax import tasks
+from gpt1_jax import pretrain, run_options, tasks
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data.task_inputs import read_split
 from gpt1_jax.tokenizer import GPT1Tokenizer
-from gpt1_jax.zeroshot_tracking import ZeroShotTracker, probe_names
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,9 @@ def probe_config(probes="sst2", every=2, num_steps=5, eval_every=3, max_examples
 
 
 def test_probe_names_are_split_and_trimmed():
-    assert probe_names(probe_config(" sst2,story_cloze , race/middle,")) == ["sst2", "story_cloze", "race/middle"]
-    assert probe_names(probe_config("")) == []
+    names = pretrain.zeroshot_probe_names(probe_config(" sst2,story_cloze , race/middle,"))
+    assert names == ["sst2", "story_cloze", "race/middle"]
+    assert pretrain.zeroshot_probe_names(probe_config("")) == []
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -40,7 +41,7 @@ def test_bad_probe_settings_are_config_errors(overrides, message):
     config = probe_config()
     config.zeroshot.update(overrides)
     with pytest.raises(ConfigError, match=message):
-        probe_names(config)
+        pretrain.zeroshot_probe_names(config)
 
 
 @pytest.mark.parametrize("probes, every, expected", [
@@ -49,25 +50,26 @@ def test_bad_probe_settings_are_config_errors(overrides, message):
     ("", 2, []),  # no probes: never
 ])
 def test_due_every_n_steps_and_at_the_last(tokenizer, probes, every, expected):
-    tracker = ZeroShotTracker(probe_config(probes, every=every), tokenizer)
+    tracker = pretrain.zeroshot_tracker(probe_config(probes, every=every), tokenizer)
     assert [step for step in range(1, 6) if tracker.due(step)] == expected
 
 
 def test_probe_examples_are_the_first_max_examples_of_the_split(tokenizer):
     config = probe_config("sst2,cola", max_examples=10)
-    tracker = ZeroShotTracker(config, tokenizer)
+    tracker = pretrain.zeroshot_tracker(config, tokenizer)
     for name in ("sst2", "cola"):
-        assert tracker.examples[name] == read_split(tasks.get_task(name), "validation", config)[:10]
+        options = run_options.task_data_options(config)
+        assert tracker.examples[name] == read_split(tasks.get_task(name), "validation", options)[:10]
 
 
 def test_missing_probe_file_fails_at_construction_naming_the_keys(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("GPT1_JAX_DATA", str(tmp_path))  # a data root without the SST-2 files
     with pytest.raises(ConfigError, match=r"zeroshot\.tasks='sst2', zeroshot\.split='validation': .*dev\.tsv"):
-        ZeroShotTracker(probe_config("sst2"), tokenizer)
+        pretrain.zeroshot_tracker(probe_config("sst2"), tokenizer)
 
 
 def test_probe_split_without_a_local_file_fails_at_construction(tokenizer):
     config = probe_config("story_cloze")
     config.zeroshot.split = "train"  # Story Cloze has no training split
     with pytest.raises(ConfigError, match=r"zeroshot\.tasks='story_cloze', zeroshot\.split='train'"):
-        ZeroShotTracker(config, tokenizer)
+        pretrain.zeroshot_tracker(config, tokenizer)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from gpt1_jax import config_check, finetune, optim, pretrain, sharding
+from gpt1_jax import config_check, finetune, finetune_start, optim, pretrain, run_options, sharding
 from gpt1_jax.aot import measure, slices
 from gpt1_jax.aot.measure import BATCH, PARAMETERS, Step, StepReport
 from gpt1_jax.model import GPT1Config
@@ -72,9 +72,10 @@ def _pretraining_steps(config: ConfigDict, tpu: slices.TpuSlice):
     model_cfg = pretrain.model_config(config)
     total = config.train.num_steps
     abstract_params = jax.eval_shape(lambda: pretrain.initial_params(model_cfg, 0))
-    optimizer = optim.make_optimizer(config.optimizer, total, abstract_params)
-    compiled = pretrain.compile_pretraining(config, model_cfg, optimizer,
-                                            optim.learning_rate_schedule(config.optimizer, total), tpu.devices)
+    options = run_options.optimizer_options(config)
+    optimizer = optim.make_optimizer(options, total, abstract_params)
+    compiled = pretrain.compile_pretraining(config, model_cfg, optimizer, optim.learning_rate_schedule(options, total),
+                                            tpu.devices)
     n_ctx, batch = model_cfg.n_ctx, config.train.batch_size
     flops = pretrain.train_flops_per_token(model_cfg, n_ctx) * batch * n_ctx / tpu.chips
     steps = [measure.train_step(compiled, flops)]
@@ -93,13 +94,14 @@ def _pretraining_steps(config: ConfigDict, tpu: slices.TpuSlice):
 
 def _finetuning_steps(config: ConfigDict, tpu: slices.TpuSlice):
     spec = finetune.check_config(config, tpu.devices)
-    model_cfg = finetune.init_model_config(config)
-    abstract = finetune.abstract_model(model_cfg, spec, config.finetune.clf_dropout)
+    model_cfg = finetune_start.init_model_config(config)
+    abstract = finetune_start.abstract_model(model_cfg, spec, config.finetune.clf_dropout)
     params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     total = FINETUNE_STEPS_FOR_SCHEDULE
-    optimizer = optim.make_optimizer(config.optimizer, total, params)
+    options = run_options.optimizer_options(config)
+    optimizer = optim.make_optimizer(options, total, params)
     compiled, eval_step = finetune.compile_finetune(
-        config, model_cfg, spec, optimizer, optim.learning_rate_schedule(config.optimizer, total), devices=tpu.devices)
+        config, model_cfg, spec, optimizer, optim.learning_rate_schedule(options, total), devices=tpu.devices)
     rows, n_ctx, batch = spec.rows_per_example, model_cfg.n_ctx, config.train.batch_size
     lm_head = float(config.finetune.lm_coef) > 0
     per_token = 3 * pretrain.forward_flops_per_token(model_cfg, n_ctx, lm_head=lm_head)

@@ -16,17 +16,44 @@ import os
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from ml_collections import ConfigDict
 
 from gpt1_jax import storage
-from gpt1_jax.config_check import ConfigError
 from gpt1_jax.data import lm_batches, text_sources, token_cache
+from gpt1_jax.errors import UserError
 from gpt1_jax.tokenizer import GPT1Tokenizer
 
 
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "gpt1_jax", "token_cache")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMDataOptions:
+    """What the pipeline reads and how it batches it; the pre-training recipe builds it from its config."""
+
+    source: str  # a `text_sources.make_source` spec: tfds:NAME, files:GLOB, local:PATH
+    n_ctx: int  # tokens a window predicts
+    vocab_size: int  # the model's BPE ids; the tokenizer's must fit
+    batch_size: int  # windows of a global batch, over all processes
+    eval_batch_size: int
+    eval_batches: int  # validation batches (0: all of the held-out tail)
+    seed: int  # which windows each step draws
+    val_fraction: float  # the held-out tail of the token stream
+    tfds_data_dir: str = ""  # "" for TFDS's default
+    vocab_dir: str = ""  # "" to find the BPE files as `vocab_files` does
+    cache_dir: str = ""  # "" for `default_cache_dir()`
+    shard_by_process: bool = True
+    allow_replacement: bool = False  # read a corpus that is mostly not UTF-8
+
+
+class VocabularyTooSmallError(UserError, ValueError):
+    """The model's vocabulary has fewer ids than the tokenizer: larger ids would index past its token table."""
+
+    def __init__(self, vocab_size: int, tokenizer_ids: int):
+        self.vocab_size, self.tokenizer_ids = vocab_size, tokenizer_ids
+        super().__init__(f"a model vocabulary of {vocab_size} ids is smaller than the tokenizer's {tokenizer_ids:,} "
+                         "ids: larger ids would index past the token table")
 
 
 @dataclasses.dataclass
@@ -38,21 +65,18 @@ class LMData:
     rows: slice  # this process's rows of the sampler's batch
 
     @classmethod
-    def build(cls, config: ConfigDict) -> "LMData":
-        n_ctx = config.model.n_ctx
+    def build(cls, options: LMDataOptions) -> "LMData":
+        n_ctx = options.n_ctx
         processes, index = jax.process_count(), jax.process_index()
-        shard = config.data.shard_by_process
+        shard = options.shard_by_process
         source = text_sources.make_source(
-            config.data.source, data_dir=config.data.tfds_data_dir or None,
+            options.source, data_dir=options.tfds_data_dir or None,
             process_index=index if shard else 0, process_count=processes if shard else 1,
-            allow_replacement=config.data.allow_replacement)
-        tokenizer = GPT1Tokenizer.from_files(config.data.vocab_dir or None)
-        ids = len(tokenizer.encoder)
-        if ids > config.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {ids:,} ids: larger ids "
-                f"would index past the token table. Set model.vocab_size to at least {ids}.")
-        cache_dir = config.data.cache_dir or default_cache_dir()
+            allow_replacement=options.allow_replacement)
+        tokenizer = GPT1Tokenizer.from_files(options.vocab_dir or None)
+        if len(tokenizer.encoder) > options.vocab_size:
+            raise VocabularyTooSmallError(options.vocab_size, len(tokenizer.encoder))
+        cache_dir = options.cache_dir or default_cache_dir()
         if storage.is_url(cache_dir):
             # A sharded source gives each process its own key, which it writes; otherwise process 0 writes
             # the one key and the others wait for it.
@@ -63,23 +87,24 @@ class LMData:
                 else None)
         else:
             cache = token_cache.TokenCache.load_or_build(source, tokenizer, cache_dir)
-        train_tokens, val_tokens = cache.split(config.data.val_fraction)
-        local_batch = config.train.batch_size // processes
-        eval_local = config.train.eval_batch_size // processes
+        train_tokens, val_tokens = cache.split(options.val_fraction)
+        local_batch = options.batch_size // processes
+        eval_local = options.eval_batch_size // processes
+        eval_batches = options.eval_batches or None
         if shard:
-            sampler = lm_batches.WindowSampler(train_tokens, n_ctx, local_batch, config.seed, process_index=index)
+            sampler = lm_batches.WindowSampler(train_tokens, n_ctx, local_batch, options.seed, process_index=index)
             rows = slice(0, local_batch)
             validation = lm_batches.validation_batches(val_tokens, n_ctx=n_ctx, batch_size=eval_local,
-                                                       num_batches=config.train.eval_batches or None)
+                                                       num_batches=eval_batches)
         else:
-            sampler = lm_batches.WindowSampler(train_tokens, n_ctx, config.train.batch_size, config.seed)
+            sampler = lm_batches.WindowSampler(train_tokens, n_ctx, options.batch_size, options.seed)
             rows = slice(index * local_batch, (index + 1) * local_batch)
-            full = lm_batches.validation_batches(val_tokens, n_ctx=n_ctx, batch_size=config.train.eval_batch_size,
-                                                 num_batches=config.train.eval_batches or None)
+            full = lm_batches.validation_batches(val_tokens, n_ctx=n_ctx, batch_size=options.eval_batch_size,
+                                                 num_batches=eval_batches)
             eval_rows = slice(index * eval_local, (index + 1) * eval_local)
             validation = [lm_batches.ValidationBatch(b.tokens[eval_rows], b.weights[eval_rows]) for b in full]
         return cls(sampler=sampler, validation=validation, tokenizer=tokenizer,
-                   unigram_perplexity=unigram_perplexity(train_tokens, validation, config.model.vocab_size), rows=rows)
+                   unigram_perplexity=unigram_perplexity(train_tokens, validation, options.vocab_size), rows=rows)
 
     @contextlib.contextmanager
     def batches(self, start: int, end: int):

@@ -25,11 +25,10 @@ import os
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from ml_collections import ConfigDict
 
-from gpt1_jax import tasks, vocab_files
-from gpt1_jax.config_check import ConfigError
+from gpt1_jax import constants, tasks
 from gpt1_jax.data.task_readers import DataError, Example, local_root, read_task
+from gpt1_jax.errors import UserError
 from gpt1_jax.tokenizer import GPT1Tokenizer
 from gpt1_jax.vocab_files import CLASSIFY_ID, DELIMITER_ID, START_ID
 
@@ -40,6 +39,35 @@ TEST = "test"  # also test_matched / test_mismatched (MNLI)
 PAD_ID = 0  # padding positions are masked out, so any in-vocabulary id works; 0 is `<unk>`
 
 Tokens = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskDataOptions:
+    """Where a run reads its tasks and which of their examples it uses; the recipes build it from their config."""
+
+    source: str  # "local" (files under $GPT1_JAX_DATA, laid out like shared/data) or "tfds"
+    tfds_data_dir: str = ""  # "" for TFDS's default
+    vocab_dir: str = ""  # "" to find the BPE files as `vocab_files` does
+    seed: int = 0  # which training examples a cap keeps
+    max_train_examples: int = 0  # 0: all
+    max_text_len: int = 0  # tokens a text keeps (0: the released code's n_ctx // 2 - 2)
+    # A task without a training split trains on its first evaluation split less `heldout_examples` of it,
+    # drawn with `heldout_seed`; `train_from_eval` does the same for a task whose training file is not here.
+    train_from_eval: bool = False
+    heldout_examples: int = constants.RELEASED_HELDOUT_EXAMPLES
+    heldout_seed: int = constants.RELEASED_HELDOUT_SEED
+
+
+class TaskFileMissingError(UserError, FileNotFoundError):
+    """A task's file is not under the local data root; `tfds_names` says where TFDS has the task."""
+
+    def __init__(self, message: str, tfds_names: tuple[str, ...]):
+        super().__init__(message)
+        self.tfds_names = tfds_names
+
+
+class HeldOutSizeError(UserError, ValueError):
+    """`heldout_examples` leaves nothing to train on, or holds nothing out."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,31 +270,27 @@ def _splits(spec: tasks.TaskSpec, source: str) -> tuple[str, ...]:
     return tuple(spec.local) if source == "local" else tuple(spec.tfds.splits)
 
 
-def task_source(spec: tasks.TaskSpec, config: ConfigDict) -> str:
-    """Where this run reads the task: `data.task_source`, or the one source a user's own task has."""
+def task_source(spec: tasks.TaskSpec, options: TaskDataOptions) -> str:
+    """Where this run reads the task: the options' source, or the one source a user's own task has."""
     if not spec.tfds.names:
         return "local"
     if not spec.local:
         return "tfds"
-    return config.data.task_source
+    return options.source
 
 
-def read_split(spec: tasks.TaskSpec, split: str, config: ConfigDict) -> list[Example]:
-    """The examples of one split, or an error naming the missing file and the config keys to change.
-
-    `data.task_source` is checked with the rest of the config (`config_check.check_common`)."""
-    source = task_source(spec, config)
+def read_split(spec: tasks.TaskSpec, split: str, options: TaskDataOptions) -> list[Example]:
+    """The examples of one split; a `TaskFileMissingError` naming the file the local source lacks."""
+    source = task_source(spec, options)
     if source == "local" and split not in spec.local:
-        root = os.environ.get(vocab_files.DATA_ENV, "<unset>")
-        raise ConfigError(
-            f"task {spec.name!r} has no local {split!r} file under ${vocab_files.DATA_ENV}={root} (local splits: "
-            f"{sorted(spec.local)}). Use --config.data.task_source=tfds (TFDS {', '.join(spec.tfds.names)}, "
-            f"data dir data.tfds_data_dir).")
+        root = os.environ.get(constants.DATA_ENV, "<unset>")
+        raise TaskFileMissingError(f"task {spec.name!r} has no local {split!r} file under ${constants.DATA_ENV}={root} "
+                                   f"(local splits: {sorted(spec.local)})", spec.tfds.names)
     try:
-        examples = read_task(spec, split, source, data_dir=config.data.tfds_data_dir or None,
+        examples = read_task(spec, split, source, data_dir=options.tfds_data_dir or None,
                              on_error=spec.on_error).examples
     except FileNotFoundError as err:
-        raise ConfigError(f"{err}. Put the file there, or use --config.data.task_source=tfds.") from err
+        raise TaskFileMissingError(str(err), spec.tfds.names) from err
     if not examples:
         where = [f.path for f in spec.local[split]] if source == "local" else f"TFDS {spec.tfds.names}"
         raise DataError(f"task {spec.name!r}, split {split!r}: no examples in {where} (only a header, or every "
@@ -274,13 +298,13 @@ def read_split(spec: tasks.TaskSpec, split: str, config: ConfigDict) -> list[Exa
     return examples
 
 
-def _trains_on_eval_split(spec: tasks.TaskSpec, config: ConfigDict) -> bool:
+def _trains_on_eval_split(spec: tasks.TaskSpec, options: TaskDataOptions) -> bool:
     """Whether the run trains on its first evaluation split less a held-out part: the task has no training
-    split (Story Cloze), or `finetune.train_from_eval` is set and the local training file is not on this
+    split (Story Cloze), or `train_from_eval` is set and the local training file is not on this
     machine (QNLI and SciTail in shared/data, whose training sets are too large to be there)."""
     if TRAIN not in spec.local and TRAIN not in spec.tfds.splits:
         return True
-    if not config.finetune.train_from_eval or task_source(spec, config) != "local":
+    if not options.train_from_eval or task_source(spec, options) != "local":
         return False
     if TRAIN not in spec.local:
         return True
@@ -288,56 +312,56 @@ def _trains_on_eval_split(spec: tasks.TaskSpec, config: ConfigDict) -> bool:
     return not all((root / f.path).is_file() for f in spec.local[TRAIN])
 
 
-def train_and_evals(spec: tasks.TaskSpec, config: ConfigDict) -> tuple[list[Example], dict[str, list[Example]]]:
+def train_and_evals(spec: tasks.TaskSpec, options: TaskDataOptions) -> tuple[list[Example], dict[str, list[Example]]]:
     """Story Cloze has no training split: as the released code does, train on the validation set less a
-    held-out part (`finetune.heldout_examples`, 374 in the released code) that stands in as "validation".
-    With `finetune.train_from_eval`, a task whose training file is missing here does the same.
+    held-out part (`heldout_examples`, 374 in the released code) that stands in as "validation". With
+    `train_from_eval`, a task whose training file is missing here does the same.
 
     The split is the released one (datasets.py: sklearn's `train_test_split(..., test_size=374,
-    random_state=3535999445)`): `RandomState(finetune.heldout_seed).permutation(n)`, the first 374 held
+    random_state=3535999445)`): `RandomState(heldout_seed).permutation(n)`, the first 374 held
     out and the rest trained on, both in that permuted order, so dev numbers compare with the release's.
     """
-    evals = {split: read_split(spec, split, config) for split in spec.eval_splits
-             if split in _splits(spec, task_source(spec, config))}
-    if not _trains_on_eval_split(spec, config):
-        return read_split(spec, TRAIN, config), evals
+    evals = {split: read_split(spec, split, options) for split in spec.eval_splits
+             if split in _splits(spec, task_source(spec, options))}
+    if not _trains_on_eval_split(spec, options):
+        return read_split(spec, TRAIN, options), evals
     first = spec.eval_splits[0]
-    held = config.finetune.heldout_examples
+    held = options.heldout_examples
     examples = evals[first]
     if not 0 < held < len(examples):
-        raise ConfigError(f"finetune.heldout_examples={held} must be in 1..{len(examples) - 1}: task {spec.name!r} "
-                          f"trains on its {first!r} split less that many held-out examples.")
-    order = np.random.RandomState(config.finetune.heldout_seed).permutation(len(examples))
+        raise HeldOutSizeError(f"heldout_examples={held} must be in 1..{len(examples) - 1}: task {spec.name!r} "
+                               f"trains on its {first!r} split less that many held-out examples.")
+    order = np.random.RandomState(options.heldout_seed).permutation(len(examples))
     evals[first] = [examples[i] for i in order[:held]]
     log.info("Task %s has no training split here: training on %d %s examples, %d held out.", spec.name,
              len(examples) - held, first, held)
     return [examples[i] for i in order[held:]], evals
 
 
-def training_subset(train: list[Example], config: ConfigDict) -> list[Example]:
-    """`finetune.max_train_examples` of the training examples (all when 0), drawn with `config.seed` and kept
-    in their file order."""
-    cap = config.finetune.max_train_examples
+def training_subset(train: list[Example], options: TaskDataOptions) -> list[Example]:
+    """`max_train_examples` of the training examples (all when 0), drawn with the options' seed and kept in
+    their file order."""
+    cap = options.max_train_examples
     if not cap:
         return train
-    order = np.random.default_rng(config.seed).permutation(len(train))[:cap]
+    order = np.random.default_rng(options.seed).permutation(len(train))[:cap]
     return [train[i] for i in np.sort(order)]
 
 
-def load(config: ConfigDict, spec: tasks.TaskSpec, n_ctx: int) -> TaskData:
-    train, evals = train_and_evals(spec, config)
-    train = training_subset(train, config)
+def load(options: TaskDataOptions, spec: tasks.TaskSpec, n_ctx: int) -> TaskData:
+    train, evals = train_and_evals(spec, options)
+    train = training_subset(train, options)
     predict = {}
-    for split in _splits(spec, task_source(spec, config)):
+    for split in _splits(spec, task_source(spec, options)):
         if split.startswith(TEST) and split not in evals:
-            examples = read_split(spec, split, config)  # GLUE test sets: labels kept by the server
+            examples = read_split(spec, split, options)  # GLUE test sets: labels kept by the server
             if examples:
                 predict[split] = examples
-    tokenizer = GPT1Tokenizer.from_files(config.data.vocab_dir or None)
+    tokenizer = GPT1Tokenizer.from_files(options.vocab_dir or None)
     groups = {TRAIN: train, **{f"eval:{k}": v for k, v in evals.items()},
               **{f"predict:{k}": v for k, v in predict.items()}}
     encoded = {name: encode_examples(examples, tokenizer.encode_batch) for name, examples in groups.items()}
-    max_text_len = config.finetune.max_text_len or None
+    max_text_len = options.max_text_len or None
     seq_len = max(context_length(e, spec.kind, n_ctx, max_text_len) for e in encoded.values() if e)
     arrays = {name: build_inputs(e, spec.kind, n_ctx, max_text_len, seq_len) for name, e in encoded.items()}
     log.info("Task %s: %d train examples, eval %s, context length %d.", spec.name, len(train),

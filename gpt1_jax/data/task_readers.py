@@ -20,8 +20,8 @@ import pathlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from gpt1_jax import tasks
+from gpt1_jax.constants import DATA_ENV
 from gpt1_jax.errors import UserError
-from gpt1_jax.vocab_files import DATA_ENV
 
 ON_ERROR = ("raise", "skip")
 _RACE_LETTERS = "ABCD"

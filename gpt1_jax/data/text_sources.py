@@ -44,8 +44,8 @@ from typing import Protocol
 import jax
 
 from gpt1_jax import storage
+from gpt1_jax.constants import DATA_ENV
 from gpt1_jax.errors import UserError
-from gpt1_jax.vocab_files import DATA_ENV
 
 # Bump when clean_text changes what it produces, so token caches built from the old text are rebuilt.
 CLEANING_VERSION = 3

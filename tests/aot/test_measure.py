@@ -7,7 +7,7 @@ import pytest
 
 from configs import finetune as finetune_recipe
 from configs import tiny_pretrain
-from gpt1_jax import finetune, optim, pretrain
+from gpt1_jax import finetune, optim, pretrain, run_options
 from gpt1_jax.aot import measure, slices
 from gpt1_jax.data.lm_pipeline import LMData
 from pretrain_helpers import assert_trees_equal, final_params, losses, tiny_config
@@ -21,9 +21,9 @@ def tiny(batch_size: int):
 
 def compile_tiny(config, devices=None):
     model_cfg = pretrain.model_config(config)
-    schedule = optim.learning_rate_schedule(config.optimizer, 10)
+    schedule = optim.learning_rate_schedule(run_options.optimizer_options(config), 10)
     abstract_params = jax.eval_shape(lambda: pretrain.initial_params(model_cfg, 0))
-    optimizer = optim.make_optimizer(config.optimizer, 10, abstract_params)
+    optimizer = optim.make_optimizer(run_options.optimizer_options(config), 10, abstract_params)
     return pretrain.compile_pretraining(config, model_cfg, optimizer, schedule, devices)
 
 

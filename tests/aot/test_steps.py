@@ -7,10 +7,10 @@ import pytest
 
 from configs import finetune as finetune_recipe
 from configs import gpt1_pretrain, tiny_pretrain
-from gpt1_jax import finetune, pretrain
+from gpt1_jax import finetune_start, pretrain
 from gpt1_jax.aot import steps
 from gpt1_jax.aot.slices import GiB
-from gpt1_jax.vocab_files import N_SPECIAL
+from gpt1_jax.constants import N_SPECIAL
 
 
 def paper_pretraining():
@@ -97,7 +97,7 @@ def story_cloze_from_mini():
 @pytest.mark.slow
 def test_a_multiple_choice_fine_tuning_compiles_with_its_special_tokens_and_choice_rows():
     config = story_cloze_from_mini()
-    assert finetune.init_model_config(config).n_special == N_SPECIAL
+    assert finetune_start.init_model_config(config).n_special == N_SPECIAL
     report = steps.compile_for_topology(config, "v5e:2x2")
     train, predict = report.steps
     assert report.run == "fine-tuning story_cloze (multiple_choice)"

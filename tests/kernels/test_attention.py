@@ -16,9 +16,9 @@ import pytest
 from flax import nnx
 
 from gpt1_jax import model as model_lib
-from gpt1_jax.convert import model_from_params, params_of
 from gpt1_jax.kernels import attention, attention_gpu, attention_tpu, masks
 from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.weight_formats import model_from_params, params_of
 
 
 def qkv(batch: int, heads: int, seq: int, head_dim: int = 64, seed: int = 0):
