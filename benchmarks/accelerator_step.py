@@ -5,21 +5,20 @@ GPT-1 config, >= 45% MFU on an H100. Ours is the real step (`pretrain.compile_pr
 optimizer, dropout 0.1); the reference is `OpenAIGPTLMHeadModel` in PyTorch with bfloat16 autocast and
 fused AdamW on the same device, when torch sees one.
 
-    python benchmarks/accelerator_step.py [--batch 64] [--steps 10] [--dtype bfloat16] [--loss-chunk 8192] \
+    python benchmarks/accelerator_step.py [--batch 64] [--steps 10] [--dtype bfloat16] [--loss_chunk 8192] \
         [--remat none] [--layers auto|scan|unrolled] [--attention auto|faithful|fused|fast] \
-        [--head-backward compute|float32] [--profile DIR]
+        [--head_backward compute|float32] [--profile DIR]
     python benchmarks/accelerator_step.py --sweep [--variants NAME,...]   # every lever side by side
     python benchmarks/accelerator_step.py --tiny --batch 4 --steps 2      # a smoke run on any machine
 
 Prints one JSON line per framework (tokens/s, step seconds, compile seconds, MFU where the device's peak is
-known: `pretrain.PEAK_FLOPS`, or `--peak-flops` per device). `--sweep` runs each of `VARIANTS` in a process
+known: `pretrain.PEAK_FLOPS`, or `--peak_flops` per device). `--sweep` runs each of `VARIANTS` in a process
 of its own (an XLA flag is read once, when jax starts), then transformers once, and prints a markdown table:
 tokens/s, MFU, each variant against the first (the step before the levers) and against transformers.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -28,18 +27,22 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+
+from gpt1_jax import cli
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # name: (this script's flags, XLA_FLAGS). The first is the step before the levers of docs/benchmarks.md's
 # "Train step (accelerator)": the layer scan, softmax and dropout written out in XLA, the head's backward in
 # float32. Each lever alone, then all three, then the XLA flags on top of them.
-LEVERS = ["--layers", "unrolled", "--attention", "fused", "--head-backward", "compute"]
+LEVERS = ["--layers=unrolled", "--attention=fused", "--head_backward=compute"]
 VARIANTS = {
-    "before": (["--layers", "scan", "--attention", "faithful", "--head-backward", "float32"], ""),
-    "unrolled": (["--layers", "unrolled", "--attention", "faithful", "--head-backward", "float32"], ""),
-    "fused-attention": (["--layers", "scan", "--attention", "fused", "--head-backward", "float32"], ""),
-    "bf16-head": (["--layers", "scan", "--attention", "faithful", "--head-backward", "compute"], ""),
+    "before": (["--layers=scan", "--attention=faithful", "--head_backward=float32"], ""),
+    "unrolled": (["--layers=unrolled", "--attention=faithful", "--head_backward=float32"], ""),
+    "fused-attention": (["--layers=scan", "--attention=fused", "--head_backward=float32"], ""),
+    "bf16-head": (["--layers=scan", "--attention=faithful", "--head_backward=compute"], ""),
     "all": (LEVERS, ""),
-    "all-unchunked-loss": ([*LEVERS, "--loss-chunk", "0"], ""),
+    "all-unchunked-loss": ([*LEVERS, "--loss_chunk=0"], ""),
     "all-latency-hiding": (LEVERS, "--xla_gpu_enable_latency_hiding_scheduler=true"),
     "all-no-triton-gemm": (LEVERS, "--xla_gpu_enable_triton_gemm=false"),
 }
@@ -50,7 +53,7 @@ def jax_step(args) -> dict:
     import numpy as np
 
     from configs.common import base_config, model_section
-    from gpt1_jax import optim, pretrain, sharding, train_lib
+    from gpt1_jax import optim, pretrain, run_options, sharding, train_lib
 
     config = base_config()
     config.model = model_section(dtype=args.dtype, remat=args.remat, layers=args.layers, attention=args.attention,
@@ -60,9 +63,9 @@ def jax_step(args) -> dict:
     config.train.loss_chunk = args.loss_chunk
     config.train.peak_flops = args.peak_flops
     model_cfg = pretrain.model_config(config)
-    schedule = optim.learning_rate_schedule(config.optimizer, 10_000)
+    schedule = optim.learning_rate_schedule(run_options.optimizer_options(config), 10_000)
     abstract_params = jax.eval_shape(lambda: pretrain.initial_params(model_cfg, 0))
-    optimizer = optim.make_optimizer(config.optimizer, 10_000, abstract_params)
+    optimizer = optim.make_optimizer(run_options.optimizer_options(config), 10_000, abstract_params)
     compiled = pretrain.compile_pretraining(config, model_cfg, optimizer, schedule)
     state = train_lib.place_state(pretrain.initial_params(model_cfg, 0), optimizer, compiled)
     tokens = np.random.default_rng(0).integers(0, 40478, (args.batch, model_cfg.n_ctx + 1)).astype(np.int32)
@@ -79,12 +82,13 @@ def jax_step(args) -> dict:
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     if args.profile:
-        with jax.profiler.trace(str(args.profile)):
+        profile = pathlib.Path(args.profile)
+        with jax.profiler.trace(str(profile)):
             for _ in range(3):
                 state, metrics = compiled.train_step(state, batch)
             jax.block_until_ready(metrics)
         # The trace names XLA's fusions; the optimized program says which operations each one holds.
-        (args.profile / "train_step.hlo.txt").write_text(compiled.train_step.lower(state, batch).compile().as_text())
+        (profile / "train_step.hlo.txt").write_text(compiled.train_step.lower(state, batch).compile().as_text())
     flops = pretrain.train_flops_per_token(model_cfg, model_cfg.n_ctx) * args.batch * model_cfg.n_ctx
     return {"framework": "gpt1_jax", "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
             "dtype": args.dtype, "batch": args.batch, "n_ctx": model_cfg.n_ctx, "step_s": step_s,
@@ -130,9 +134,10 @@ def sweep(args) -> None:
     """Every variant in a fresh process, then transformers here; a markdown table at the end."""
     rows = []
     for name in args.variants:
-        flags, xla_flags = VARIANTS[name]
-        command = [sys.executable, __file__, "--no-torch", "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--dtype", args.dtype, "--peak-flops", str(args.peak_flops), *(["--tiny"] * args.tiny), *flags]
+        variant_flags, xla_flags = VARIANTS[name]
+        command = [sys.executable, __file__, "--no_torch", f"--batch={args.batch}", f"--steps={args.steps}",
+                   f"--dtype={args.dtype}", f"--peak_flops={args.peak_flops}", *(["--tiny"] * args.tiny),
+                   *variant_flags]
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
         if done.returncode:
@@ -152,32 +157,38 @@ def sweep(args) -> None:
               f"{row['compile_s']:.0f} | {row['tokens_per_s'] / first:.2f}x | {versus} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    parser.add_argument("--loss-chunk", type=int, default=8192)
-    parser.add_argument("--remat", default="none")
-    parser.add_argument("--peak-flops", type=float, default=0.0, help="per device; 0 looks the device up")
-    parser.add_argument("--tiny", action="store_true", help="a 2 x 64 model at ctx 64, for a smoke run")
-    parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--layers", default="auto", choices=("auto", "scan", "unrolled"),
-                        help="model.layers: one lax.scan, the blocks one after another, or auto (unrolled on TPU)")
-    parser.add_argument("--attention", default="auto", choices=("auto", "faithful", "fused", "fast"),
-                        help="model.attention: fused runs the Pallas kernels (TPU, GPU); auto picks them on a TPU")
-    parser.add_argument("--head-backward", default="compute", choices=("compute", "float32"),
-                        help="model.head_backward: the tied head's backward products in the compute dtype or float32")
-    parser.add_argument("--sweep", action="store_true", help="run --variants side by side (see VARIANTS)")
-    parser.add_argument("--variants", type=lambda text: text.split(","), default=list(VARIANTS),
-                        help=f"comma-separated, for --sweep: {', '.join(VARIANTS)}")
-    parser.add_argument("--profile", type=pathlib.Path, default=None,
-                        help="after timing, trace 3 more of our steps into this folder, with the optimized program "
-                             "(benchmarks/profile_breakdown.py groups its kernels; xprof reads it too)")
-    args = parser.parse_args()
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    define = dict(flag_values=flag_values)
+    flags.DEFINE_integer("batch", 64, "Sequences per step.", **define)
+    flags.DEFINE_integer("steps", 10, "Timed steps after the compiling one.", **define)
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "model.dtype: the compute dtype.", **define)
+    flags.DEFINE_integer("loss_chunk", 8192, "train.loss_chunk: positions per chunk of the LM loss (0: one).",
+                         **define)
+    flags.DEFINE_string("remat", "none", "model.remat.", **define)
+    flags.DEFINE_float("peak_flops", 0.0, "Per device; 0 looks the device up.", **define)
+    flags.DEFINE_boolean("tiny", False, "A 2 x 64 model at ctx 64, for a smoke run.", **define)
+    flags.DEFINE_boolean("no_torch", False, "Skip the transformers reference.", **define)
+    flags.DEFINE_enum("layers", "auto", ["auto", "scan", "unrolled"],
+                      "model.layers: one lax.scan, the blocks one after another, or auto (unrolled on TPU).", **define)
+    flags.DEFINE_enum("attention", "auto", ["auto", "faithful", "fused", "fast"],
+                      "model.attention: fused runs the Pallas kernels (TPU, GPU); auto picks them on a TPU.", **define)
+    flags.DEFINE_enum("head_backward", "compute", ["compute", "float32"],
+                      "model.head_backward: the tied head's backward products in the compute dtype or float32.",
+                      **define)
+    flags.DEFINE_boolean("sweep", False, "Run --variants side by side (see VARIANTS).", **define)
+    flags.DEFINE_list("variants", list(VARIANTS), f"For --sweep, some of: {', '.join(VARIANTS)}.", **define)
+    flags.DEFINE_string("profile", None, "After timing, trace 3 more of our steps into this folder, with the "
+                        "optimized program (benchmarks/profile_breakdown.py groups its kernels; xprof reads it too).",
+                        **define)
+
+
+def main(argv: list[str] | None = None) -> None:
+    command_line = cli.parse(argv, _define_flags, prog="python benchmarks/accelerator_step.py",
+                             synopsis="[--tiny] [--sweep] [--batch N] [--steps N] ...", doc=__doc__)
+    args = command_line.flags
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
-        parser.error(f"unknown --variants {', '.join(unknown)}: use {', '.join(VARIANTS)}")
+        command_line.fail(f"unknown --variants {', '.join(unknown)}: use {', '.join(VARIANTS)}")
     if args.sweep:
         return sweep(args)
     ours = jax_step(args)

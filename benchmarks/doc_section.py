@@ -1,4 +1,8 @@
-"""Each benchmark script owns one `## ...` section of docs/benchmarks.md and rewrites only that."""
+"""Each benchmark script owns one `## ...` section of a doc (docs/benchmarks.md unless it says otherwise).
+
+A script rewrites only its own section, so that scripts run on different days, or at the same time, leave
+each other's numbers and the hand-written notes under other headings alone.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,19 @@ import re
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
-def write_section(heading: str, text: str, doc_path: pathlib.Path = DOC) -> None:
-    """Replace `heading`'s generated part (up to the next heading) with `text`, or append it; keep the rest."""
-    doc = doc_path.read_text()
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^##+ |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text + "\n", doc, count=1)
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    doc_path.write_text(doc)
+def publish(heading: str, text: str, *, write: bool = True, doc: pathlib.Path = DOC) -> None:
+    """Print a benchmark's section and, unless the run was asked not to (`--no_doc`), write it to `doc`.
 
-
-def publish(heading: str, text: str, *, write: bool = True) -> None:
-    """Print a benchmark's section and, unless the run was asked not to (`--no-doc`), write it to the doc."""
+    `text` starts with `heading`. It replaces the section's generated part (up to the next heading of any
+    level, so hand-written `###` notes below it stay) or, when the doc has no such heading yet, is appended.
+    """
     print(text)
-    if write:
-        write_section(heading, text)
+    if not write:
+        return
+    current = doc.read_text()
+    section = re.compile(rf"^{re.escape(heading)}\n.*?(?=^##+ |\Z)", re.S | re.M)
+    if section.search(current):
+        current = section.sub(lambda _: text + "\n", current, count=1)
+    else:
+        current = current.rstrip("\n") + "\n\n" + text
+    doc.write_text(current)

@@ -14,16 +14,19 @@ Each variant runs in its own subprocess; after set-up and warm-up the parent alt
 round, so background load hits all alike, and reports the median step and the ratio to `previous`.
 
     python benchmarks/finetune_step.py [--configs gpt1,small] [--variants released,tokens,previous]
-        [--rounds 5] [--baseline 11cc920] [--no-doc]
+        [--rounds 5] [--baseline 11cc920] [--no_doc]
+    python benchmarks/finetune_step.py --configs tiny --variants released,tokens --rounds 1 --no_doc  # a smoke run
 
-Each GPT-1-sized variant holds ~6 GB, so on a 24 GB machine run at most three at once.
+Each GPT-1-sized variant holds ~6 GB, so on a 24 GB machine run at most three at once. A worker runs
+`worker` through `python -c` with the variant's tree first on PYTHONPATH, not through this file's command
+line: the baseline tree may predate `gpt1_jax.cli`, which parses the command line.
 
-Rewrites the generated part of the ``## Fine-tuning step (CPU)`` section of docs/benchmarks.md unless --no-doc.
+Rewrites the generated part of the ``## Fine-tuning step (CPU)`` section of docs/benchmarks.md unless --no_doc.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -34,20 +37,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Iterator
 
+from absl import flags
 from doc_section import publish
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCHMARKS = pathlib.Path(__file__).resolve().parent
 SECTION = "## Fine-tuning step (CPU)"
 BASELINE = "11cc920"  # the last commit before the released-code parity work
 # name: (model sizes, examples per batch, context); two rows per example, all with the full vocabulary.
 CONFIGS = {
     "gpt1": (dict(), 1, 512),
     "small": (dict(width=256, n_head=4, n_layer=4, mlp_width=1024), 8, 128),
+    "tiny": (dict(width=64, n_head=2, n_layer=2, mlp_width=256), 2, 64),
 }
 # name: config overrides ("section.key": value) applied in the worker; "previous" runs the baseline tree.
 VARIANTS = {"released": {}, "tokens": {"finetune.lm_softmax_rows": "tokens"},
             "tokens_adamw": {"finetune.lm_softmax_rows": "tokens", "optimizer.kind": "adamw"}, "previous": {}}
+# A worker process runs `worker` on its JSON arguments, importing gpt1_jax from its variant's tree.
+WORKER = "import json, sys, finetune_step; finetune_step.worker(*json.loads(sys.argv[1]))"
 
 
 def worker(name: str, overrides: dict, warmup: int) -> None:
@@ -59,11 +68,15 @@ def worker(name: str, overrides: dict, warmup: int) -> None:
     from configs import finetune as recipe
     from gpt1_jax import optim, sharding, tasks, train_lib
 
-    try:  # this tree: starting points and the step in one module
-        from gpt1_jax.finetune import build_params, compile_finetune
-    except ImportError:  # a baseline tree from before the fine-tuning modules were merged
-        from gpt1_jax.finetune_init import build_params
-        from gpt1_jax.finetune_lib import compile_finetune
+    try:  # this tree: the starting points in a module of their own
+        from gpt1_jax.finetune import compile_finetune
+        from gpt1_jax.finetune_start import build_params
+    except ImportError:
+        try:  # a baseline tree with starting points and the step in one module
+            from gpt1_jax.finetune import build_params, compile_finetune
+        except ImportError:  # a baseline tree from before the fine-tuning modules were merged
+            from gpt1_jax.finetune_init import build_params
+            from gpt1_jax.finetune_lib import compile_finetune
 
     sizes, examples, seq = CONFIGS[name]
     config = recipe.get_config("story_cloze")
@@ -73,10 +86,15 @@ def worker(name: str, overrides: dict, warmup: int) -> None:
         section, field = key.split(".")
         config[section][field] = value
     spec = tasks.get_task("story_cloze")
+    try:  # this tree: the optimizer takes typed options
+        from gpt1_jax.run_options import optimizer_options
+        optimizer_options = optimizer_options(config)
+    except ImportError:  # a baseline tree from before them: the config section
+        optimizer_options = config.optimizer
     model_cfg, params, _ = build_params(config, spec, 0)
     total = 10_000
-    schedule = optim.learning_rate_schedule(config.optimizer, total)
-    optimizer = optim.make_optimizer(config.optimizer, total, jax.eval_shape(lambda: params))
+    schedule = optim.learning_rate_schedule(optimizer_options, total)
+    optimizer = optim.make_optimizer(optimizer_options, total, jax.eval_shape(lambda: params))
     compiled, _ = compile_finetune(config, model_cfg, spec, optimizer, schedule)
     state = train_lib.init_state(jax.tree.map(jax.numpy.asarray, params), optimizer)
     rng = np.random.default_rng(0)
@@ -105,11 +123,10 @@ def worker(name: str, overrides: dict, warmup: int) -> None:
 def measure(name: str, roots: dict[str, pathlib.Path], rounds: int, steps: int, warmup: int) -> dict:
     procs, results = {}, {}
     for variant, root in roots.items():
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "finetune_step.py"), "--worker", name,
-               "--overrides", json.dumps(VARIANTS[variant]), "--warmup", str(warmup)]
-        env = dict(os.environ, PYTHONPATH=str(root))
-        procs[variant] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root,
-                                          env=env)
+        arguments = json.dumps([name, VARIANTS[variant], warmup])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(BENCHMARKS)]))
+        procs[variant] = subprocess.Popen([sys.executable, "-c", WORKER, arguments], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, text=True, cwd=root, env=env)
         results[variant] = {**json.loads(procs[variant].stdout.readline()), "times": []}
         if pathlib.Path(results[variant]["package"]).parent != root:
             raise RuntimeError(f"variant {variant} imported gpt1_jax from {results[variant]['package']}, not {root}")
@@ -133,7 +150,8 @@ def render(results: dict, args) -> str:
 
     lines = [
         SECTION, "",
-        f"`python benchmarks/finetune_step.py --configs {args.configs} --variants {args.variants} --rounds "
+        f"`python benchmarks/finetune_step.py --configs {','.join(args.configs)} --variants "
+        f"{','.join(args.variants)} --rounds "
         f"{args.rounds} --steps {args.steps} --baseline {args.baseline}` on {datetime.date.today().isoformat()}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), "
         f"jax {jax.__version__}. The real fine-tuning step (multiple choice, 2 rows per example, every token "
@@ -155,36 +173,53 @@ def render(results: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="gpt1,small")
-    parser.add_argument("--variants", default="released,tokens,previous", help=f"some of {','.join(VARIANTS)}")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per variant per round")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--baseline", default=BASELINE, help="git revision whose code is the 'previous' variant")
-    parser.add_argument("--worker", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
-    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
-    parser.add_argument("--no-doc", action="store_true")
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.worker, json.loads(args.overrides), args.warmup)
+@contextlib.contextmanager
+def baseline_tree(revision: str | None) -> Iterator[pathlib.Path | None]:
+    """`revision` checked out in a temporary git worktree, removed afterwards; None: no worktree."""
+    if revision is None:
+        yield None
         return
     with tempfile.TemporaryDirectory(prefix="gpt1_jax_baseline_") as tmp:
-        baseline = pathlib.Path(tmp) / "tree"
-        subprocess.run(["git", "worktree", "add", "--detach", str(baseline), args.baseline], cwd=ROOT, check=True,
+        tree = pathlib.Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), revision], cwd=ROOT, check=True,
                        capture_output=True)
         try:
-            roots = {v: baseline if v == "previous" else ROOT for v in args.variants.split(",")}
-            results = {}
-            for name in args.configs.split(","):
-                results[name] = measure(name, roots, args.rounds, args.steps, args.warmup)
-                print(name, json.dumps({v: {k: x for k, x in r.items() if k != "times"}
-                                        for v, r in results[name].items()}), flush=True)
+            yield tree
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=ROOT, check=False)
-    text = render(results, args)
-    publish(SECTION, text, write=not args.no_doc)
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    define = dict(flag_values=flag_values)
+    flags.DEFINE_list("configs", ["gpt1", "small"], f"Some of {', '.join(CONFIGS)}.", **define)
+    flags.DEFINE_list("variants", ["released", "tokens", "previous"], f"Some of {', '.join(VARIANTS)}.", **define)
+    flags.DEFINE_integer("rounds", 5, "Rounds, the variants alternating.", **define)
+    flags.DEFINE_integer("steps", 1, "Timed steps per variant per round.", **define)
+    flags.DEFINE_integer("warmup", 1, "Untimed steps after the compile.", **define)
+    flags.DEFINE_string("baseline", BASELINE, "Git revision whose code is the 'previous' variant.", **define)
+    flags.DEFINE_boolean("no_doc", False, "Print the section only; by default it is also written to "
+                         "docs/benchmarks.md.", **define)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from gpt1_jax import cli  # here, not at the top: a worker imports this module with the baseline's gpt1_jax
+
+    command_line = cli.parse(argv, _define_flags, prog="python benchmarks/finetune_step.py",
+                             synopsis="[--configs gpt1,small] [--variants A,B] [--rounds N] [--baseline REV] "
+                             "[--no_doc]", doc=__doc__)
+    args = command_line.flags
+    for name, known in (("configs", CONFIGS), ("variants", VARIANTS)):
+        unknown = sorted(set(args[name].value) - set(known))
+        if unknown:
+            command_line.fail(f"unknown --{name} {', '.join(unknown)}: use {', '.join(known)}")
+    with baseline_tree(args.baseline if "previous" in args.variants else None) as baseline:
+        roots = {variant: baseline if variant == "previous" else ROOT for variant in args.variants}
+        results = {}
+        for name in args.configs:
+            results[name] = measure(name, roots, args.rounds, args.steps, args.warmup)
+            print(name, json.dumps({v: {k: x for k, x in r.items() if k != "times"}
+                                    for v, r in results[name].items()}), flush=True)
+    publish(SECTION, render(results, args), write=not args.no_doc)
 
 
 if __name__ == "__main__":

@@ -7,31 +7,34 @@ A GPT-1 step (64 x 512 tokens, Sec. 4.1) takes about 0.1-0.2 s on an H100, i.e. 
   (64 x 513) and a tiny shape (8 x 65), over a memory-mapped token cache;
 * building the token cache with the real GPT-1 tokenizer on a few Gutenberg books (once per corpus).
 
-Prints the numbers and rewrites the ``## Input pipeline`` section of docs/benchmarks.md.
+Prints the numbers and rewrites the ``## Input pipeline`` section of docs/benchmarks.md unless --no_doc.
 
-    pip install -e . && python benchmarks/input_pipeline.py [--books 35-0.txt,36-0.txt] [--steps 300]
+    pip install -e . && python benchmarks/input_pipeline.py [--books 35-0.txt,36-0.txt] [--steps 300] [--no_doc]
+    python benchmarks/input_pipeline.py --books 11-0.txt --steps 5 --stream_tokens 100000 --no_doc  # a smoke run
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import platform
-import re
 import tempfile
 import time
 
 import numpy as np
+from absl import flags
+from doc_section import publish
 
-from gpt1_jax import vocab_files
+from gpt1_jax import cli, vocab_files
 from gpt1_jax.data import lm_batches, text_sources, token_cache
 from gpt1_jax.tokenizer import GPT1Tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(os.environ.get(vocab_files.DATA_ENV, ROOT.parent / "shared" / "data"))
-DOC = ROOT / "docs" / "benchmarks.md"
+HEADING = "## Input pipeline"
 SHAPES = {"gpt1 (64 x 513)": (64, 512), "tiny (8 x 65)": (8, 64)}
+# A corpus-sized stream: BooksCorpus has ~1B tokens; 64M are enough to defeat CPU caches.
+STREAM_TOKENS = 64 << 20
 
 
 def time_sampler(tokens: np.ndarray, batch_size: int, n_ctx: int, steps: int) -> dict[str, float]:
@@ -78,40 +81,36 @@ def time_cache_build(books: list[str], tmp: str) -> dict[str, float]:
     }
 
 
-def write_section(text: str) -> None:
-    """Replaces only our section: another benchmark owns ``## Tokenizer`` in the same file."""
-    DOC.parent.mkdir(exist_ok=True)
-    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    section = re.compile(r"^## Input pipeline\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if section.search(current):
-        updated = section.sub(lambda _: text, current)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    DOC.write_text(updated)
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    define = dict(flag_values=flag_values)
+    flags.DEFINE_list("books", ["35-0.txt", "36-0.txt", "11-0.txt", "120-0.txt"],
+                      "Gutenberg books (files of corpus/gutenberg) to build the token cache from.", **define)
+    flags.DEFINE_integer("steps", 300, "Batches drawn per shape.", **define)
+    flags.DEFINE_integer("stream_tokens", STREAM_TOKENS, "Tokens of the random stream the sampler reads; the "
+                         "default is large enough to defeat CPU caches, a few thousand make a smoke run.", **define)
+    flags.DEFINE_boolean("no_doc", False, "Print the section only; by default it is also written to "
+                         "docs/benchmarks.md.", **define)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--books", default="35-0.txt,36-0.txt,11-0.txt,120-0.txt")
-    parser.add_argument("--steps", type=int, default=300)
-    args = parser.parse_args()
-    books = args.books.split(",")
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parse(argv, _define_flags, prog="python benchmarks/input_pipeline.py",
+                     synopsis="[--books A,B] [--steps N] [--stream_tokens N] [--no_doc]", doc=__doc__).flags
 
     with tempfile.TemporaryDirectory() as tmp:
-        build = time_cache_build(books, tmp)
-        # A corpus-sized stream (BooksCorpus has ~1B tokens; 64M is enough to defeat CPU caches).
+        build = time_cache_build(args.books, tmp)
         stream_path = os.path.join(tmp, "stream.u16")
-        np.random.default_rng(0).integers(0, 40_478, size=64 << 20, dtype=np.uint16).tofile(stream_path)
+        np.random.default_rng(0).integers(0, 40_478, size=args.stream_tokens, dtype=np.uint16).tofile(stream_path)
         stream = np.memmap(stream_path, dtype=np.uint16, mode="r")
         sampled = {name: time_sampler(stream, b, n, args.steps) for name, (b, n) in SHAPES.items()}
 
     lines = [
-        "## Input pipeline",
+        HEADING,
         "",
         f"`python benchmarks/input_pipeline.py` on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPU cores (shared), {time.strftime('%Y-%m-%d')}.",
         "",
-        "Window sampler over a memory-mapped 64M-token uint16 stream (random windows, one process):",
+        f"Window sampler over a memory-mapped {args.stream_tokens:,}-token uint16 stream (random windows, one "
+        "process):",
         "",
         "| shape | batches/s | tokens/s | prefetched batches/s | prefetched tokens/s |",
         "|---|---:|---:|---:|---:|",
@@ -128,7 +127,7 @@ def main() -> None:
         f"tokens) consumes 5-10 batches/s; the sampler makes {gpt1:,.0f}/s on one core, ~{gpt1 / 10:,.0f}x "
         "more, so with the prefetch thread the train step never waits for data.",
         "",
-        f"Token-cache build with the real GPT-1 tokenizer ({', '.join(books)}; once per corpus):",
+        f"Token-cache build with the real GPT-1 tokenizer ({', '.join(args.books)}; once per corpus):",
         "",
         "| documents | tokens | seconds | documents/s | tokens/s | reload (verify + mmap) |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -137,9 +136,7 @@ def main() -> None:
         f"{build['reload (verify + mmap) s']:.3f} s |",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    write_section(text)
+    publish(HEADING, "\n".join(lines), write=not args.no_doc)
 
 
 if __name__ == "__main__":

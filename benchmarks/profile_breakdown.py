@@ -6,17 +6,20 @@ alone say little ("loop_compare_select_fusion"); their shapes say what they work
 in a group by its name (matrix products, copies) or by its output shape (the [batch, heads, ctx, ctx]
 attention probabilities, the per-layer stacks a lax.scan over the blocks fills, the vocabulary-wide logits).
 
-    python benchmarks/profile_breakdown.py DIR [--steps 3] [--n-layer 12] [--n-ctx 512]
+    python benchmarks/profile_breakdown.py DIR [--steps 3] [--n_layer 12] [--n_ctx 512]
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gzip
 import json
 import pathlib
 import re
+
+from absl import flags
+
+from gpt1_jax import cli
 
 
 def fusion_shapes(hlo_text: str) -> dict[str, str]:
@@ -56,15 +59,22 @@ def group(name: str, shape: str, n_layer: int, n_ctx: int) -> str:
     return "everything else (layer norms, GELU, residual dropout, optimizer update, ...)"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("profile", type=pathlib.Path, help="the folder accelerator_step.py --profile wrote")
-    parser.add_argument("--steps", type=int, default=3, help="steps inside the trace")
-    parser.add_argument("--n-layer", type=int, default=12)
-    parser.add_argument("--n-ctx", type=int, default=512)
-    args = parser.parse_args()
-    shapes = fusion_shapes((args.profile / "train_step.hlo.txt").read_text())
-    kernels = device_kernels(next(args.profile.rglob("*.trace.json.gz")))
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    define = dict(flag_values=flag_values)
+    flags.DEFINE_integer("steps", 3, "Steps inside the trace.", **define)
+    flags.DEFINE_integer("n_layer", 12, "The model's layers: a [n_layer, ...] output is a scan's stack.", **define)
+    flags.DEFINE_integer("n_ctx", 512, "The model's context: a [..., n_ctx, n_ctx] output is attention's.", **define)
+
+
+def main(argv: list[str] | None = None) -> None:
+    command_line = cli.parse(argv, _define_flags, prog="python benchmarks/profile_breakdown.py",
+                             synopsis="DIR [--steps 3] [--n_layer 12] [--n_ctx 512]", doc=__doc__,
+                             positional="DIR (the folder accelerator_step.py --profile wrote)")
+    if len(command_line.args) != 1:
+        command_line.fail(f"give one DIR, not {len(command_line.args)}")
+    args, profile = command_line.flags, pathlib.Path(command_line.args[0])
+    shapes = fusion_shapes((profile / "train_step.hlo.txt").read_text())
+    kernels = device_kernels(next(profile.rglob("*.trace.json.gz")))
     busy = collections.Counter()
     for kernel in kernels:
         name = kernel["name"]

@@ -24,6 +24,7 @@ first k of 4 blocks transferred, k = 0..4, on one task, run first and drawn to d
 as soon as its runs are scored (`--tasks sst2 --layers` runs just those).
 
     pip install -e . && GPT1_JAX_DATA=../shared/data python benchmarks/table5_mini.py --out runs/table5 --layers
+    python benchmarks/table5_mini.py --out runs/table5 --doc_only [--no_doc]   # the doc from the ledger alone
 
 Many hours on 2 cores (--jobs 2: two runs at a time, each on its own core): on RTE about 6 minutes a run
 with L1 and 3 without, longer on the sentence-pair tasks; hence the committed ledger.
@@ -31,7 +32,6 @@ with L1 and 3 without, longer on the sentence-pair tasks; hence the committed le
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -44,11 +44,12 @@ import sys
 import threading
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from absl import flags
+from doc_section import publish
 
-from benchmarks.doc_section import write_section  # noqa: E402
-from gpt1_jax import tasks  # noqa: E402
+from gpt1_jax import cli, tasks
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 DOC = ROOT / "docs" / "finetuning.md"
 HEADING = "## Table 5 in miniature"
@@ -262,42 +263,50 @@ def draw_layer_curve(curve: dict[int, list[float]], scratch: dict[str, list[floa
     figure.savefig(PLOT, dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, required=True, help="the runs' workdirs; reruns skip done runs")
-    parser.add_argument("--layers", action="store_true", help="also the layer-transfer curve (Figure 2 left)")
-    parser.add_argument("--tasks", default=",".join(TASKS), help="a subset to run now (the doc shows complete tasks)")
-    parser.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
-                        help="runs at a time (default: 2, or 1 on a 1-core machine); on a CPU each is pinned "
-                        "to its own core")
-    parser.add_argument("--ledger", type=pathlib.Path, default=LEDGER,
-                        help="the scores file (default: the committed one; another machine's table keeps its own)")
-    parser.add_argument("--doc-only", action="store_true",
-                        help="train nothing: rewrite the doc section (and the curve) from the committed scores")
-    args = parser.parse_args()
-    curve = layer_runs(args.out) if args.layers else {}
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    define = dict(flag_values=flag_values)
+    flags.DEFINE_string("out", None, "The runs' workdirs; reruns skip done runs.", **define)
+    flags.mark_flag_as_required("out", flag_values=flag_values)
+    flags.DEFINE_boolean("layers", False, "Also the layer-transfer curve (Figure 2 left).", **define)
+    flags.DEFINE_list("tasks", list(TASKS), "A subset to run now (the doc shows complete tasks).", **define)
+    flags.DEFINE_integer("jobs", min(2, len(os.sched_getaffinity(0))), "Runs at a time (default: 2, or 1 on a "
+                         "1-core machine); on a CPU each is pinned to its own core.", **define)
+    flags.DEFINE_string("ledger", str(LEDGER), "The scores file (default: the committed one; another machine's "
+                        "table keeps its own).", **define)
+    flags.DEFINE_boolean("doc_only", False, "Train nothing: rewrite the doc section (and the curve) from the "
+                         "ledger's scores.", **define)
+    flags.DEFINE_boolean("no_doc", False, f"Print the section only; by default it is written to "
+                         f"{DOC.relative_to(ROOT)} and the curve drawn to {PLOT.relative_to(ROOT)}.", **define)
+
+
+def main(argv: list[str] | None = None) -> None:
+    command_line = cli.parse(argv, _define_flags, prog="python benchmarks/table5_mini.py",
+                             synopsis="--out DIR [--layers] [--tasks A,B] [--jobs N] [--doc_only] [--no_doc]",
+                             doc=__doc__)
+    args = command_line.flags
+    out, ledger_path = pathlib.Path(args.out), pathlib.Path(args.ledger)
+    curve = layer_runs(out) if args.layers else {}
     if args.doc_only:
-        write_doc(Ledger(args.ledger), curve)
+        write_doc(Ledger(ledger_path), curve, write=not args.no_doc)
         return
     if not os.environ.get("GPT1_JAX_DATA"):
-        parser.error("set GPT1_JAX_DATA to the data root (../shared/data here): the table runs on the local files")
-    chosen = args.tasks.split(",")
-    unknown = sorted(set(chosen) - set(TASKS))
+        command_line.fail("set GPT1_JAX_DATA to the data root (../shared/data here): the table runs on the local files")
+    unknown = sorted(set(args.tasks) - set(TASKS))
     if unknown:
-        parser.error(f"--tasks: {', '.join(unknown)} not in the table; choose from {', '.join(TASKS)}")
-    runs = {(task, row): row_runs(args.out, task, row) for task in chosen for row in ROWS}
-    ledger = Ledger(args.ledger)
+        command_line.fail(f"--tasks: {', '.join(unknown)} not in the table; choose from {', '.join(TASKS)}")
+    runs = {(task, row): row_runs(out, task, row) for task in args.tasks for row in ROWS}
+    ledger = Ledger(ledger_path)
     # The curve first: its runs are short (one task), and the figure is complete once they are.
-    curve_runs = curve.values() if LAYER_TASK in chosen else ()
+    curve_runs = curve.values() if LAYER_TASK in args.tasks else ()
     train_all([run for group in [*curve_runs, *runs.values()] for run in group], args.jobs, ledger)
     for (task, row), group in runs.items():
         print(f"{task:12s} {row:18s} " + "%.1f ± %.1f" % mean_and_error([ledger.scores[r.name] for r in group]))
-    write_doc(ledger, curve)
+    write_doc(ledger, curve, write=not args.no_doc)
 
 
-def write_doc(ledger: Ledger, curve: dict[int, list[Run]]) -> None:
+def write_doc(ledger: Ledger, curve: dict[int, list[Run]], *, write: bool = True) -> None:
     """The doc section from the ledger: the tasks whose runs are all scored, and the layer curve (drawn to
-    PLOT) once its runs are; while tasks remain, it says so and how to go on."""
+    PLOT) once its runs are; while tasks remain, it says so and how to go on. Printed only, unless `write`."""
     everything = {(task, row): row_runs(pathlib.Path(), task, row) for task in TASKS for row in ROWS}
     scored = {key: [ledger.scores.get(run.name) for run in group] for key, group in everything.items()}
     done = [task for task in TASKS if all(None not in scored[task, row] for row in ROWS)]
@@ -321,12 +330,15 @@ def write_doc(ledger: Ledger, curve: dict[int, list[Run]]) -> None:
         text += ["", *table(scores, done)] if done else []
     curve_scores = {k: [ledger.scores.get(run.name) for run in group] for k, group in curve.items()}
     if curve_scores and LAYER_TASK in done and all(None not in values for values in curve_scores.values()):
-        draw_layer_curve(curve_scores, {row: scored[LAYER_TASK, row] for row in ("scratch, L3", "scratch, L2 only")})
+        if write:
+            scratch = {row: scored[LAYER_TASK, row] for row in ("scratch, L3", "scratch, L2 only")}
+            draw_layer_curve(curve_scores, scratch)
         text += ["", f"Layers transferred on {LAYER_TASK} (L3, 3 seeds): " + ", ".join(
             f"{k}: %.1f ± %.1f" % mean_and_error(curve_scores[k]) for k in sorted(curve_scores)) +
             f" (`{PLOT.relative_to(ROOT)}`; the scratch rows are drawn as bands)."]
-    print("\n".join(text))
-    write_section(HEADING, "\n".join(text) + "\n", DOC)  # a blank line before the hand-written subsections
+    # A blank line before the hand-written subsections.
+    publish(HEADING, "\n".join(text) + "\n", write=write, doc=DOC)
+
 
 if __name__ == "__main__":
     main()

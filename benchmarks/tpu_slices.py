@@ -4,9 +4,10 @@ For each slice, the train and evaluation steps of configs/gpt1_pretrain.py in bf
 are compiled twice with `gpt1_jax.aot.compile_for_topology`, the core of `gpt1-compile`: pure data
 parallelism (mesh.fsdp=1) and fully sharded (mesh.fsdp = the chip count). It records the train step's
 memory per chip against the HBM a program may use, FITS, the collectives, and how long each compile took
-on this machine, then writes the section of docs/benchmarks.md.
+on this machine, then writes the section of docs/benchmarks.md unless --no_doc.
 
-    python benchmarks/tpu_slices.py [--slices v5e-4,v4-16] [--no-doc]
+    python benchmarks/tpu_slices.py [--slices v5e-4,v4-16] [--no_doc]
+    python benchmarks/tpu_slices.py --tiny --slices v5e-4 --no_doc   # a smoke run: seconds, not minutes
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 from absl import flags
 from doc_section import publish
 
-from configs import gpt1_pretrain
+from configs import gpt1_pretrain, tiny_pretrain
 from gpt1_jax import cli
 from gpt1_jax.aot import slices, steps
 
@@ -30,20 +31,24 @@ SLICES = ("v4-8", "v5e-4", "v5e-16", "v5p-8", "v6e-4", "v4-16")
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_list("slices", list(SLICES), "The slices to compile for.", flag_values=flag_values)
+    flags.DEFINE_boolean("tiny", False, "Compile configs/tiny_pretrain.py's 2 x 64 model instead of the paper's, "
+                         "to check that the script runs (with --no_doc: its numbers are not the table's).",
+                         flag_values=flag_values)
     flags.DEFINE_boolean("no_doc", False, "Print the section only; by default it is also written to "
                          "docs/benchmarks.md.", flag_values=flag_values)
 
 
-def paper_config(fsdp: int):
-    config = gpt1_pretrain.get_config()
+def slice_config(fsdp: int, tiny: bool):
+    """The paper's pre-training in bfloat16 with `fsdp` chips to a group, or the tiny recipe's model for a smoke run."""
+    config = (tiny_pretrain if tiny else gpt1_pretrain).get_config()
     config.model.dtype = "bfloat16"
     config.mesh.fsdp = fsdp
     return config
 
 
-def row(name: str, fsdp: int) -> tuple[str, float]:
+def row(name: str, fsdp: int, tiny: bool) -> tuple[str, float]:
     start = time.perf_counter()
-    report = steps.compile_for_topology(paper_config(fsdp), name)
+    report = steps.compile_for_topology(slice_config(fsdp, tiny), name)
     seconds = time.perf_counter() - start
     train = report.steps[0]
     tpu, memory = report.slice, train.memory
@@ -58,14 +63,17 @@ def row(name: str, fsdp: int) -> tuple[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = cli.parse(argv, _define_flags, prog="python benchmarks/tpu_slices.py", synopsis="[--slices A,B]",
-                     doc=__doc__).flags
+    command_line = cli.parse(argv, _define_flags, prog="python benchmarks/tpu_slices.py",
+                             synopsis="[--slices A,B] [--tiny] [--no_doc]", doc=__doc__)
+    args = command_line.flags
+    if args.tiny and not args.no_doc:
+        command_line.fail("--tiny only checks that the script runs: add --no_doc, so the table keeps the paper's model")
     jax.config.update("jax_platforms", "cpu")  # this machine only compiles: the slices are libtpu's description
     lines, total = [], 0.0
     for name in args.slices:
         chips = slices.resolve(name).chips
         for fsdp in sorted({1, chips}):
-            line, seconds = row(name, fsdp)
+            line, seconds = row(name, fsdp, args.tiny)
             print(line, flush=True, file=sys.stderr)
             lines.append(line)
             total += seconds

@@ -13,15 +13,15 @@ shared machine hits both alike; the reported time is the median step. Model FLOP
 `pretrain.train_flops_per_token`; the "matmul rate" is each framework's own square float32 matmul
 in the same run, and "model FLOP/s / matmul rate" is the fraction of it the step sustains.
 
-    python benchmarks/train_step.py [--configs full,small,tiny] [--rounds 3] [--steps 1] [--no-doc]
+    python benchmarks/train_step.py [--configs full,small,tiny] [--rounds 3] [--steps 1] [--no_doc]
+    python benchmarks/train_step.py --configs tiny --rounds 1 --warmup 0 --matmul 256 --no_doc  # a smoke run
 
 Rewrites the generated part of the ``## Train step (CPU)`` section of docs/benchmarks.md (up to its
-``### What was tried`` notes) unless --no-doc. One run of the defaults takes 6-7 minutes on 2 cores.
+``### What was tried`` notes) unless --no_doc. One run of the defaults takes 6-7 minutes on 2 cores.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -33,9 +33,12 @@ import subprocess
 import sys
 import time
 
+from absl import flags
 from doc_section import publish
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from gpt1_jax import cli
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent
 SECTION = "## Train step (CPU)"
 # name: (model overrides, batch, n_ctx, loss_chunk); all use the full 40,478-token vocabulary.
 CONFIGS = {
@@ -43,7 +46,9 @@ CONFIGS = {
     "small": (dict(width=256, n_head=4, n_layer=4, mlp_width=1024), 8, 128, 0),
     "tiny": (dict(width=64, n_head=2, n_layer=2, mlp_width=256), 16, 64, 0),
 }
-MATMUL = 2048  # side of the square matmul that calibrates each framework's matmul rate
+MATMUL = 2048  # side of the square matmul that calibrates each framework's matmul rate (--matmul)
+# A worker process runs `worker` on its JSON arguments: the command line is the parent's alone.
+WORKER = "import json, sys, train_step; train_step.worker(*json.loads(sys.argv[1]))"
 
 
 def lm_flops_per_token(name: str) -> float:
@@ -70,9 +75,14 @@ class JaxStep:
         config.train.batch_size, config.train.loss_chunk = batch, extra.get("loss_chunk", chunk)
         model_cfg = pretrain.model_config(config)
         total = config.train.num_steps
-        schedule = optim.learning_rate_schedule(config.optimizer, total)
+        try:  # this tree: the optimizer takes typed options
+            from gpt1_jax.run_options import optimizer_options
+            optimizer_options = optimizer_options(config)
+        except ImportError:  # a baseline tree from before them: the config section
+            optimizer_options = config.optimizer
+        schedule = optim.learning_rate_schedule(optimizer_options, total)
         optimizer = optim.make_optimizer(
-            config.optimizer, total, jax.eval_shape(lambda: pretrain.initial_params(model_cfg, 0)))
+            optimizer_options, total, jax.eval_shape(lambda: pretrain.initial_params(model_cfg, 0)))
         compiled = pretrain.compile_pretraining(config, model_cfg, optimizer, schedule)
         self.state = train_lib.place_state(pretrain.initial_params(model_cfg, 0), optimizer, compiled)
         tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (batch, n_ctx + 1), dtype=np.int32)
@@ -87,14 +97,14 @@ class JaxStep:
         return float(metrics["loss"])
 
     @staticmethod
-    def matmul_flops() -> float:
+    def matmul_flops(side: int) -> float:
         import jax
         import jax.numpy as jnp
 
-        a = jax.random.normal(jax.random.key(0), (MATMUL, MATMUL), jnp.float32)
+        a = jax.random.normal(jax.random.key(0), (side, side), jnp.float32)
         mm = jax.jit(lambda x: x @ x)
         mm(a).block_until_ready()
-        return _best_rate(lambda: mm(a).block_until_ready())
+        return _best_rate(lambda: mm(a).block_until_ready(), side)
 
 
 class TorchStep:
@@ -129,30 +139,30 @@ class TorchStep:
         return loss.item()
 
     @staticmethod
-    def matmul_flops() -> float:
+    def matmul_flops(side: int) -> float:
         import torch
 
-        a = torch.randn(MATMUL, MATMUL)
-        return _best_rate(lambda: a @ a)
+        a = torch.randn(side, side)
+        return _best_rate(lambda: a @ a, side)
 
 
-def _best_rate(fn, repeats: int = 5) -> float:
+def _best_rate(fn, side: int, repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return 2 * MATMUL**3 / min(times)
+    return 2 * side**3 / min(times)
 
 
-def worker(framework: str, name: str, warmup: int, extra: dict) -> None:
+def worker(framework: str, name: str, warmup: int, extra: dict, matmul: int) -> None:
     """Build, warm up, print 'ready', then run `n` timed steps per 'go n' line read from stdin."""
     setup_start = time.perf_counter()
     runner = JaxStep(name, extra) if framework == "jax" else TorchStep(name)
     for _ in range(warmup):
         runner.step()
     info = {"compile_s": runner.compile_s, "setup_s": time.perf_counter() - setup_start,
-            "matmul_flops": runner.matmul_flops()}
+            "matmul_flops": runner.matmul_flops(matmul)}
     print(json.dumps(info), flush=True)
     for line in sys.stdin:
         times = []
@@ -164,13 +174,15 @@ def worker(framework: str, name: str, warmup: int, extra: dict) -> None:
                           "maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}), flush=True)
 
 
-def measure(name: str, rounds: int, steps: int, warmup: int, extra: dict) -> dict:
-    """Both frameworks on one config, alternating rounds of `steps` timed steps."""
+def measure(name: str, args: flags.FlagValues, extra: dict) -> dict:
+    """Both frameworks on one config, alternating rounds of `args.steps` timed steps."""
     procs, results = {}, {}
+    rounds, steps = args.rounds, args.steps
     for framework in ("torch", "jax"):
-        cmd = [sys.executable, __file__, "--worker", framework, "--configs", name, "--warmup", str(warmup),
-               "--extra", json.dumps(extra)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        arguments = [framework, name, args.warmup, extra, args.matmul]
+        # From benchmarks/, the worker's sys.path is this script's: gpt1_jax is the installed one, or PYTHONPATH's.
+        proc = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(arguments)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, cwd=BENCHMARKS)
         procs[framework] = proc
         results[framework] = {**json.loads(proc.stdout.readline()), "times": []}
     for _ in range(rounds):
@@ -205,14 +217,15 @@ def render(results: dict, args) -> str:
     cpu = platform.processor() or platform.machine()
     lines = [
         SECTION, "",
-        f"`python benchmarks/train_step.py --configs {args.configs} --rounds {args.rounds} --steps {args.steps}` on "
+        f"`python benchmarks/train_step.py --configs {','.join(args.configs)} --rounds {args.rounds} "
+        f"--steps {args.steps}{'' if args.matmul == MATMUL else f' --matmul {args.matmul}'}` on "
         f"{datetime.date.today().isoformat()}, {cpu}, {os.cpu_count()} CPU cores (shared with other jobs), "
         f"{versions()}; float32, dropout 0.1 in train mode, Adam with decoupled decay + clipping at 1.0 on both "
         "sides (ours: the released code's Adam, torch: AdamW). "
         f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '')}`. Median of {args.rounds * args.steps} steps after "
         f"{args.warmup} warm-up step(s), the two frameworks alternating round by round; peak memory is each "
         "subprocess's ru_maxrss. The matmul rate is each framework's own "
-        f"{MATMUL}^3 float32 matmul in the same run (no published peak for this shared virtual CPU, so no MFU).",
+        f"{args.matmul}^3 float32 matmul in the same run (no published peak for this shared virtual CPU, so no MFU).",
         "",
         "| config | batch x ctx | framework | step s | tokens/s | model GFLOP/s | / own matmul rate | "
         "compile s | peak RSS GB | ours / torch |",
@@ -231,27 +244,33 @@ def render(results: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="full,small,tiny")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per framework per round")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--extra", default="{}", help="JSON overrides for ours: {'model': {...}, 'loss_chunk': n}")
-    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
-    parser.add_argument("--no-doc", action="store_true")
-    args = parser.parse_args()
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    define = dict(flag_values=flag_values)
+    flags.DEFINE_list("configs", ["full", "small", "tiny"], f"Some of {', '.join(CONFIGS)}.", **define)
+    flags.DEFINE_integer("rounds", 3, "Rounds, the frameworks alternating.", **define)
+    flags.DEFINE_integer("steps", 1, "Timed steps per framework per round.", **define)
+    flags.DEFINE_integer("warmup", 1, "Untimed steps after the set-up.", **define)
+    flags.DEFINE_integer("matmul", MATMUL, "Side of the square float32 matmul that calibrates each framework's "
+                         "matmul rate.", **define)
+    flags.DEFINE_string("extra", "{}", "JSON overrides for ours: {'model': {...}, 'loss_chunk': n}.", **define)
+    flags.DEFINE_boolean("no_doc", False, "Print the section only; by default it is also written to "
+                         "docs/benchmarks.md.", **define)
+
+
+def main(argv: list[str] | None = None) -> None:
+    command_line = cli.parse(argv, _define_flags, prog="python benchmarks/train_step.py",
+                             synopsis="[--configs full,small,tiny] [--rounds N] [--steps N] [--no_doc]", doc=__doc__)
+    args = command_line.flags
+    unknown = sorted(set(args.configs) - set(CONFIGS))
+    if unknown:
+        command_line.fail(f"unknown --configs {', '.join(unknown)}: use {', '.join(CONFIGS)}")
     extra = json.loads(args.extra)
-    if args.worker:
-        worker(args.worker, args.configs, args.warmup, extra)
-        return
     results = {}
-    for name in args.configs.split(","):
-        results[name] = measure(name, args.rounds, args.steps, args.warmup, extra)
+    for name in args.configs:
+        results[name] = measure(name, args, extra)
         print(name, json.dumps({k: v if k == "ratio" else {m: x for m, x in v.items() if m != "times"}
                                 for k, v in results[name].items()}), flush=True)
-    text = render(results, args)
-    publish(SECTION, text, write=not args.no_doc)
+    publish(SECTION, render(results, args), write=not args.no_doc)
 
 
 if __name__ == "__main__":
