@@ -30,7 +30,9 @@ from gpt1_jax.data import lm_batches, text_sources, token_cache
 from gpt1_jax.tokenizer import GPT1Tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = pathlib.Path(os.environ.get(vocab_files.DATA_ENV, ROOT.parent / "shared" / "data"))
+# Absolute: the books are linked from a temporary folder, where a relative target (the README's ../shared/data)
+# would point nowhere.
+DATA = pathlib.Path(os.environ.get(vocab_files.DATA_ENV, ROOT.parent / "shared" / "data")).resolve()
 HEADING = "## Input pipeline"
 SHAPES = {"gpt1 (64 x 513)": (64, 512), "tiny (8 x 65)": (8, 64)}
 # A corpus-sized stream: BooksCorpus has ~1B tokens; 64M are enough to defeat CPU caches.
