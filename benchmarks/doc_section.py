@@ -9,7 +9,22 @@ from __future__ import annotations
 import pathlib
 import re
 
+from absl import flags
+
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def define_doc_flags(flag_values: flags.FlagValues, *, tiny_help: str | None = None) -> None:
+    """`--no_doc`; with `tiny_help`, also `--tiny` (a small model that checks the script runs), which needs
+    `--no_doc` so that a table of the real model never receives its numbers."""
+    flags.DEFINE_boolean("no_doc", False, f"Print the section only; by default it is also written to "
+                         f"{DOC.relative_to(DOC.parents[1])}.", flag_values=flag_values)
+    if tiny_help is None:
+        return
+    flags.DEFINE_boolean("tiny", False, tiny_help, flag_values=flag_values)
+    flags.register_multi_flags_validator(
+        ["tiny", "no_doc"], lambda values: values["no_doc"] or not values["tiny"], flag_values=flag_values,
+        message="--tiny only checks that the script runs: add --no_doc, so the table keeps the paper's model")
 
 
 def publish(heading: str, text: str, *, write: bool = True, doc: pathlib.Path = DOC) -> None:

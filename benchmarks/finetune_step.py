@@ -40,7 +40,7 @@ import time
 from typing import Iterator
 
 from absl import flags
-from doc_section import publish
+from doc_section import define_doc_flags, publish
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = pathlib.Path(__file__).resolve().parent
@@ -190,15 +190,17 @@ def baseline_tree(revision: str | None) -> Iterator[pathlib.Path | None]:
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
+    from gpt1_jax import cli  # here, not at the top: a worker imports this module with the baseline's gpt1_jax
+
+    define_doc_flags(flag_values)
     define = dict(flag_values=flag_values)
-    flags.DEFINE_list("configs", ["gpt1", "small"], f"Some of {', '.join(CONFIGS)}.", **define)
-    flags.DEFINE_list("variants", ["released", "tokens", "previous"], f"Some of {', '.join(VARIANTS)}.", **define)
+    cli.define_choices("configs", ["gpt1", "small"], CONFIGS, "The configs to time.", flag_values)
+    cli.define_choices("variants", ["released", "tokens", "previous"], VARIANTS, "The variants to time.",
+                       flag_values)
     flags.DEFINE_integer("rounds", 5, "Rounds, the variants alternating.", **define)
     flags.DEFINE_integer("steps", 1, "Timed steps per variant per round.", **define)
     flags.DEFINE_integer("warmup", 1, "Untimed steps after the compile.", **define)
     flags.DEFINE_string("baseline", BASELINE, "Git revision whose code is the 'previous' variant.", **define)
-    flags.DEFINE_boolean("no_doc", False, "Print the section only; by default it is also written to "
-                         "docs/benchmarks.md.", **define)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,10 +210,6 @@ def main(argv: list[str] | None = None) -> None:
                              synopsis="[--configs gpt1,small] [--variants A,B] [--rounds N] [--baseline REV] "
                              "[--no_doc]", doc=__doc__)
     args = command_line.flags
-    for name, known in (("configs", CONFIGS), ("variants", VARIANTS)):
-        unknown = sorted(set(args[name].value) - set(known))
-        if unknown:
-            command_line.fail(f"unknown --{name} {', '.join(unknown)}: use {', '.join(known)}")
     with baseline_tree(args.baseline if "previous" in args.variants else None) as baseline:
         roots = {variant: baseline if variant == "previous" else ROOT for variant in args.variants}
         results = {}

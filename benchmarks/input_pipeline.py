@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 from absl import flags
-from doc_section import publish
+from doc_section import define_doc_flags, publish
 
 from gpt1_jax import cli, vocab_files
 from gpt1_jax.data import lm_batches, text_sources, token_cache
@@ -84,14 +84,13 @@ def time_cache_build(books: list[str], tmp: str) -> dict[str, float]:
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
+    define_doc_flags(flag_values)
     define = dict(flag_values=flag_values)
     flags.DEFINE_list("books", ["35-0.txt", "36-0.txt", "11-0.txt", "120-0.txt"],
                       "Gutenberg books (files of corpus/gutenberg) to build the token cache from.", **define)
     flags.DEFINE_integer("steps", 300, "Batches drawn per shape.", **define)
     flags.DEFINE_integer("stream_tokens", STREAM_TOKENS, "Tokens of the random stream the sampler reads; the "
                          "default is large enough to defeat CPU caches, a few thousand make a smoke run.", **define)
-    flags.DEFINE_boolean("no_doc", False, "Print the section only; by default it is also written to "
-                         "docs/benchmarks.md.", **define)
 
 
 def main(argv: list[str] | None = None) -> None:

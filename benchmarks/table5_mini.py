@@ -268,7 +268,7 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("out", None, "The runs' workdirs; reruns skip done runs.", **define)
     flags.mark_flag_as_required("out", flag_values=flag_values)
     flags.DEFINE_boolean("layers", False, "Also the layer-transfer curve (Figure 2 left).", **define)
-    flags.DEFINE_list("tasks", list(TASKS), "A subset to run now (the doc shows complete tasks).", **define)
+    cli.define_choices("tasks", TASKS, TASKS, "A subset to run now (the doc shows complete tasks).", flag_values)
     flags.DEFINE_integer("jobs", min(2, len(os.sched_getaffinity(0))), "Runs at a time (default: 2, or 1 on a "
                          "1-core machine); on a CPU each is pinned to its own core.", **define)
     flags.DEFINE_string("ledger", str(LEDGER), "The scores file (default: the committed one; another machine's "
@@ -291,9 +291,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not os.environ.get("GPT1_JAX_DATA"):
         command_line.fail("set GPT1_JAX_DATA to the data root (../shared/data here): the table runs on the local files")
-    unknown = sorted(set(args.tasks) - set(TASKS))
-    if unknown:
-        command_line.fail(f"--tasks: {', '.join(unknown)} not in the table; choose from {', '.join(TASKS)}")
     runs = {(task, row): row_runs(out, task, row) for task in args.tasks for row in ROWS}
     ledger = Ledger(ledger_path)
     # The curve first: its runs are short (one task), and the figure is complete once they are.

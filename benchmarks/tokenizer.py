@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from absl import flags
-from doc_section import publish
+from doc_section import define_doc_flags, publish
 
 from gpt1_jax import cli, vocab_files
 from gpt1_jax.tokenizer import GPT1Tokenizer
@@ -104,13 +104,12 @@ def benchmark_texts(root: Path) -> list[str]:
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
+    define_doc_flags(flag_values)
     define = dict(flag_values=flag_values)
     flags.DEFINE_integer("texts", 0, "Tokenize this many of the benchmark's texts, spread over its three sources "
                          "(0: all of them); a few hundred make a smoke run.", **define)
     flags.DEFINE_float("min_speedup", 5.0, "Fail when ours (cold caches) is less than this many times as fast as "
                        "the slow reference: the issue's target. Timings of a small sample are noise: pass 0.", **define)
-    flags.DEFINE_boolean("no_doc", False, "Print the section only; by default it is also written to "
-                         "docs/benchmarks.md.", **define)
 
 
 def main(argv: list[str] | None = None) -> None:

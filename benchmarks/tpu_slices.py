@@ -18,7 +18,7 @@ import time
 
 import jax
 from absl import flags
-from doc_section import publish
+from doc_section import define_doc_flags, publish
 
 from configs import gpt1_pretrain, tiny_pretrain
 from gpt1_jax import cli
@@ -30,12 +30,9 @@ SLICES = ("v4-8", "v5e-4", "v5e-16", "v5p-8", "v6e-4", "v4-16")
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
+    define_doc_flags(flag_values, tiny_help="Compile configs/tiny_pretrain.py's 2 x 64 model instead of the "
+                     "paper's, to check that the script runs (with --no_doc: its numbers are not the table's).")
     flags.DEFINE_list("slices", list(SLICES), "The slices to compile for.", flag_values=flag_values)
-    flags.DEFINE_boolean("tiny", False, "Compile configs/tiny_pretrain.py's 2 x 64 model instead of the paper's, "
-                         "to check that the script runs (with --no_doc: its numbers are not the table's).",
-                         flag_values=flag_values)
-    flags.DEFINE_boolean("no_doc", False, "Print the section only; by default it is also written to "
-                         "docs/benchmarks.md.", flag_values=flag_values)
 
 
 def slice_config(fsdp: int, tiny: bool):
@@ -66,8 +63,6 @@ def main(argv: list[str] | None = None) -> None:
     command_line = cli.parse(argv, _define_flags, prog="python benchmarks/tpu_slices.py",
                              synopsis="[--slices A,B] [--tiny] [--no_doc]", doc=__doc__)
     args = command_line.flags
-    if args.tiny and not args.no_doc:
-        command_line.fail("--tiny only checks that the script runs: add --no_doc, so the table keeps the paper's model")
     jax.config.update("jax_platforms", "cpu")  # this machine only compiles: the slices are libtpu's description
     lines, total = [], 0.0
     for name in args.slices:

@@ -16,7 +16,7 @@ import time
 
 import jax
 from absl import flags
-from doc_section import publish
+from doc_section import define_doc_flags, publish
 
 from configs import gpt1_pretrain, tiny_pretrain
 from gpt1_jax import cli
@@ -27,25 +27,17 @@ VARIANTS = ("scan:faithful", "scan:fused", "unrolled:faithful", "unrolled:fused"
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
+    define_doc_flags(flag_values, tiny_help="Compile configs/tiny_pretrain.py's 2 x 64 model instead of the "
+                     "paper's, to check that the script runs (with --no_doc: its numbers are not the table's).")
     flags.DEFINE_string("topology", "v5e:2x2", "The slice to compile for.", flag_values=flag_values)
-    flags.DEFINE_list("variants", list(VARIANTS), "The rows to compile, each model.layers:model.attention.",
-                      flag_values=flag_values)
-    flags.DEFINE_boolean("tiny", False, "Compile configs/tiny_pretrain.py's 2 x 64 model instead of the paper's, "
-                         "to check that the script runs (with --no_doc: its numbers are not the table's).",
-                         flag_values=flag_values)
-    flags.DEFINE_boolean("no_doc", False, "Print the section only; by default it is also written to "
-                         "docs/benchmarks.md.", flag_values=flag_values)
+    cli.define_choices("variants", VARIANTS, VARIANTS, "The rows to compile, each model.layers:model.attention.",
+                       flag_values)
 
 
 def main(argv: list[str] | None = None) -> None:
     command_line = cli.parse(argv, _define_flags, prog="python benchmarks/tpu_step_memory.py",
                              synopsis="[--topology T] [--variants L:A,...] [--tiny] [--no_doc]", doc=__doc__)
     args = command_line.flags
-    if args.tiny and not args.no_doc:
-        command_line.fail("--tiny only checks that the script runs: add --no_doc, so the table keeps the paper's model")
-    unknown = sorted(set(args.variants) - set(VARIANTS))
-    if unknown:
-        command_line.fail(f"unknown --variants {', '.join(unknown)}: use {', '.join(VARIANTS)}")
     jax.config.update("jax_platforms", "cpu")  # this machine only compiles: the slice is libtpu's description
     tpu = slices.resolve(args.topology)
     rows = []

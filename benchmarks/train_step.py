@@ -34,7 +34,7 @@ import sys
 import time
 
 from absl import flags
-from doc_section import publish
+from doc_section import define_doc_flags, publish
 
 from gpt1_jax import cli
 
@@ -245,25 +245,21 @@ def render(results: dict, args) -> str:
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
+    define_doc_flags(flag_values)
     define = dict(flag_values=flag_values)
-    flags.DEFINE_list("configs", ["full", "small", "tiny"], f"Some of {', '.join(CONFIGS)}.", **define)
+    cli.define_choices("configs", ["full", "small", "tiny"], CONFIGS, "The configs to time.", flag_values)
     flags.DEFINE_integer("rounds", 3, "Rounds, the frameworks alternating.", **define)
     flags.DEFINE_integer("steps", 1, "Timed steps per framework per round.", **define)
     flags.DEFINE_integer("warmup", 1, "Untimed steps after the set-up.", **define)
     flags.DEFINE_integer("matmul", MATMUL, "Side of the square float32 matmul that calibrates each framework's "
                          "matmul rate.", **define)
     flags.DEFINE_string("extra", "{}", "JSON overrides for ours: {'model': {...}, 'loss_chunk': n}.", **define)
-    flags.DEFINE_boolean("no_doc", False, "Print the section only; by default it is also written to "
-                         "docs/benchmarks.md.", **define)
 
 
 def main(argv: list[str] | None = None) -> None:
     command_line = cli.parse(argv, _define_flags, prog="python benchmarks/train_step.py",
                              synopsis="[--configs full,small,tiny] [--rounds N] [--steps N] [--no_doc]", doc=__doc__)
     args = command_line.flags
-    unknown = sorted(set(args.configs) - set(CONFIGS))
-    if unknown:
-        command_line.fail(f"unknown --configs {', '.join(unknown)}: use {', '.join(CONFIGS)}")
     extra = json.loads(args.extra)
     results = {}
     for name in args.configs:

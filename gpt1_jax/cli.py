@@ -132,6 +132,21 @@ def define_model_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("vocab_dir", None, "Folder with the BPE files (default: see gpt1_jax.vocab_files).", **define)
 
 
+def define_choices(name: str, default: Sequence[str], choices: Sequence[str], help_text: str,
+                   flag_values: flags.FlagValues) -> None:
+    """A comma-separated list flag whose every item must be one of `choices`: a name outside them is a usage
+    error when the command line is parsed (exit 2), before any work starts."""
+    flags.DEFINE_list(name, list(default), f"{help_text} Some of: {', '.join(choices)}.", flag_values=flag_values)
+
+    def known(values: list[str]) -> bool:
+        unknown = sorted(set(values) - set(choices))
+        if unknown:
+            raise flags.ValidationError(f"unknown --{name} {', '.join(unknown)}: use {', '.join(choices)}")
+        return True
+
+    flags.register_validator(name, known, flag_values=flag_values)
+
+
 def _exit_with_usage_error(usage: str, message: str) -> NoReturn:
     sys.stderr.write(f"{usage}\nerror: {message}\nRun with --help to see every flag.\n")
     raise SystemExit(USAGE_ERROR_STATUS)
