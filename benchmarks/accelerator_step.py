@@ -52,8 +52,10 @@ def jax_step(args) -> dict:
     import jax
     import numpy as np
 
-    from configs.common import base_config, model_section
-    from gpt1_jax import optim, pretrain, run_options, sharding, train_lib
+    from gpt1_jax import run_options
+    from gpt1_jax.configs.common import base_config, model_section
+    from gpt1_jax.pretraining import pretrain
+    from gpt1_jax.training import optim, sharding, train_lib
 
     config = base_config()
     config.model = model_section(dtype=args.dtype, remat=args.remat, layers=args.layers, attention=args.attention,

@@ -65,15 +65,16 @@ def worker(name: str, overrides: dict, warmup: int) -> None:
     import numpy as np
 
     import gpt1_jax
-    from configs import finetune as recipe
-    from gpt1_jax import optim, sharding, tasks, train_lib
+    from gpt1_jax.configs import finetune as recipe
+    from gpt1_jax.finetuning import tasks
+    from gpt1_jax.training import optim, sharding, train_lib
 
     try:  # this tree: the starting points in a module of their own
-        from gpt1_jax.finetune import compile_finetune
-        from gpt1_jax.finetune_start import build_params
+        from gpt1_jax.finetuning.finetune import compile_finetune
+        from gpt1_jax.finetuning.finetune_start import build_params
     except ImportError:
         try:  # a baseline tree with starting points and the step in one module
-            from gpt1_jax.finetune import build_params, compile_finetune
+            from gpt1_jax.finetuning.finetune import build_params, compile_finetune
         except ImportError:  # a baseline tree from before the fine-tuning modules were merged
             from gpt1_jax.finetune_init import build_params
             from gpt1_jax.finetune_lib import compile_finetune

@@ -25,9 +25,10 @@ import numpy as np
 from absl import flags
 from doc_section import define_doc_flags, publish
 
-from gpt1_jax import cli, vocab_files
-from gpt1_jax.data import lm_batches, text_sources, token_cache
-from gpt1_jax.tokenizer import GPT1Tokenizer
+from gpt1_jax import cli
+from gpt1_jax.pretraining import lm_batches, text_sources, token_cache
+from gpt1_jax.text import vocab_files
+from gpt1_jax.text.tokenizer import GPT1Tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Absolute: the books are linked from a temporary folder, where a relative target (the README's ../shared/data)

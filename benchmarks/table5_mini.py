@@ -1,6 +1,6 @@
 """The paper's Table 5 in miniature: does the shipped mini model's pre-training help, with and without L1?
 
-Four rows with identical settings (configs/finetune.py:mini, one learning rate), as in Sec. 5:
+Four rows with identical settings (gpt1_jax/configs/finetune.py:mini, one learning rate), as in Sec. 5:
   mini, L3        the shipped mini model (`init=mini`), L3 = L2 + 0.5 L1,
   mini, L2        the same without the auxiliary LM loss (lm_coef 0),
   scratch, L3     the same shape from a fresh draw, L3,
@@ -47,9 +47,11 @@ import time
 from absl import flags
 from doc_section import publish
 
-from gpt1_jax import cli, tasks
+from gpt1_jax import cli
+from gpt1_jax.finetuning import tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "gpt1_jax" / "configs"  # the recipe files
 
 DOC = ROOT / "docs" / "finetuning.md"
 HEADING = "## Table 5 in miniature"
@@ -69,7 +71,7 @@ LAYER_TASK = "sst2"
 
 def preset_config(task: str):
     """The config every run of the table fine-tunes `task` with, before its row's init, lm_coef and seed."""
-    from configs import finetune
+    from gpt1_jax.configs import finetune
 
     config = finetune.get_config("mini")
     config.task = task
@@ -127,7 +129,7 @@ class Run:
         if (self.workdir / "results.json").exists():
             ledger.record(self.name, self.result())
             return
-        command = [sys.executable, str(ROOT / "train.py"), "--config", f"{ROOT / 'configs' / 'finetune.py'}:mini",
+        command = [sys.executable, str(ROOT / "train.py"), "--config", f"{RECIPES / 'finetune.py'}:mini",
                    "--workdir", str(self.workdir), f"--config.task={self.task}", f"--config.init={self.init}",
                    f"--config.finetune.lm_coef={self.lm_coef}", f"--config.seed={self.seed}",
                    "--config.finetune.train_from_eval=True", *self.extra]

@@ -25,8 +25,9 @@ from pathlib import Path
 from absl import flags
 from doc_section import define_doc_flags, publish
 
-from gpt1_jax import cli, vocab_files
-from gpt1_jax.tokenizer import GPT1Tokenizer
+from gpt1_jax import cli
+from gpt1_jax.text import vocab_files
+from gpt1_jax.text.tokenizer import GPT1Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Tokenizer"

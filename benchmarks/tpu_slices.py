@@ -1,6 +1,6 @@
 """The paper's pre-training config compiled for common TPU slices: the README's "Before you create the slice" table.
 
-For each slice, the train and evaluation steps of configs/gpt1_pretrain.py in bfloat16 (batch 64 x 512)
+For each slice, the train and evaluation steps of gpt1_jax/configs/gpt1_pretrain.py in bfloat16 (batch 64 x 512)
 are compiled twice with `gpt1_jax.aot.compile_for_topology`, the core of `gpt1-compile`: pure data
 parallelism (mesh.fsdp=1) and fully sharded (mesh.fsdp = the chip count). It records the train step's
 memory per chip against the HBM a program may use, FITS, the collectives, and how long each compile took
@@ -20,9 +20,9 @@ import jax
 from absl import flags
 from doc_section import define_doc_flags, publish
 
-from configs import gpt1_pretrain, tiny_pretrain
 from gpt1_jax import cli
 from gpt1_jax.aot import slices, steps
+from gpt1_jax.configs import gpt1_pretrain, tiny_pretrain
 
 HEADING = "## Compiled for TPU slices (CPU, libtpu)"
 # gcloud's names; v4-16 is the two-host slice (8 chips, 2 hosts of 4).
@@ -30,7 +30,7 @@ SLICES = ("v4-8", "v5e-4", "v5e-16", "v5p-8", "v6e-4", "v4-16")
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
-    define_doc_flags(flag_values, tiny_help="Compile configs/tiny_pretrain.py's 2 x 64 model instead of the "
+    define_doc_flags(flag_values, tiny_help="Compile gpt1_jax/configs/tiny_pretrain.py's 2 x 64 model instead of the "
                      "paper's, to check that the script runs (with --no_doc: its numbers are not the table's).")
     flags.DEFINE_list("slices", list(SLICES), "The slices to compile for.", flag_values=flag_values)
 
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         HEADING,
         f"{time.strftime('%Y-%m-%d')}, `python benchmarks/tpu_slices.py` on this 2-core machine (jax "
         f"{jax.__version__}, libtpu {importlib.metadata.version('libtpu')}): "
-        "configs/gpt1_pretrain.py with `--config.model.dtype=bfloat16` (the paper's 12 x 768 model, batch 64 x 512, "
+        "gpt1_jax/configs/gpt1_pretrain.py with `--config.model.dtype=bfloat16` (the paper's 12 x 768 model, "
+        "batch 64 x 512, "
         "dropout 0.1, the released code's Adam in float32) compiled by `gpt1_jax.aot.compile_for_topology`, the "
         "core of `gpt1-compile`. Memory is the train step's, per chip, in GiB; HBM is what libtpu lets a program "
         "use. Collectives are per step (one in a loop counts once per iteration). Compile seconds: train step + "

@@ -18,16 +18,16 @@ import jax
 from absl import flags
 from doc_section import define_doc_flags, publish
 
-from configs import gpt1_pretrain, tiny_pretrain
 from gpt1_jax import cli
 from gpt1_jax.aot import slices, steps
+from gpt1_jax.configs import gpt1_pretrain, tiny_pretrain
 
 HEADING = "## The TPU step's memory, by lever (CPU, libtpu)"
 VARIANTS = ("scan:faithful", "scan:fused", "unrolled:faithful", "unrolled:fused")  # model.layers:model.attention
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
-    define_doc_flags(flag_values, tiny_help="Compile configs/tiny_pretrain.py's 2 x 64 model instead of the "
+    define_doc_flags(flag_values, tiny_help="Compile gpt1_jax/configs/tiny_pretrain.py's 2 x 64 model instead of the "
                      "paper's, to check that the script runs (with --no_doc: its numbers are not the table's).")
     flags.DEFINE_string("topology", "v5e:2x2", "The slice to compile for.", flag_values=flag_values)
     cli.define_choices("variants", VARIANTS, VARIANTS, "The rows to compile, each model.layers:model.attention.",

@@ -52,8 +52,8 @@ WORKER = "import json, sys, train_step; train_step.worker(*json.loads(sys.argv[1
 
 
 def lm_flops_per_token(name: str) -> float:
-    from gpt1_jax.model import GPT1Config
-    from gpt1_jax.pretrain import train_flops_per_token
+    from gpt1_jax.model.transformer import GPT1Config
+    from gpt1_jax.pretraining.pretrain import train_flops_per_token
 
     overrides, _, n_ctx, _ = CONFIGS[name]
     return train_flops_per_token(GPT1Config(n_ctx=n_ctx, **overrides), n_ctx)
@@ -66,8 +66,9 @@ class JaxStep:
         import jax
         import numpy as np
 
-        from configs import gpt1_pretrain
-        from gpt1_jax import optim, pretrain, sharding, train_lib
+        from gpt1_jax.configs import gpt1_pretrain
+        from gpt1_jax.pretraining import pretrain
+        from gpt1_jax.training import optim, sharding, train_lib
 
         overrides, batch, n_ctx, chunk = CONFIGS[name]
         config = gpt1_pretrain.get_config()

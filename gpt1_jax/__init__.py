@@ -17,7 +17,7 @@ __all__ = ["GPT1", "GPT1Config"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from gpt1_jax import model
+        from gpt1_jax.model import transformer
 
-        return getattr(model, name)
+        return getattr(transformer, name)
     raise AttributeError(f"module 'gpt1_jax' has no attribute {name!r}")

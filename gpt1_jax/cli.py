@@ -129,7 +129,8 @@ def define_model_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("checkpoint", None, "An Orbax checkpoint of ours (pre-training or converted).", **define)
     flags.DEFINE_string("hf", None, "A transformers OpenAIGPT folder with config.json and model.safetensors.", **define)
     flags.mark_flags_as_mutual_exclusive(["checkpoint", "hf"], required=True, **define)
-    flags.DEFINE_string("vocab_dir", None, "Folder with the BPE files (default: see gpt1_jax.vocab_files).", **define)
+    flags.DEFINE_string("vocab_dir", None, "Folder with the BPE files (default: see gpt1_jax.text.vocab_files).",
+                        **define)
 
 
 def define_choices(name: str, default: Sequence[str], choices: Sequence[str], help_text: str,

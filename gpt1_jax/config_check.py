@@ -14,9 +14,10 @@ from typing import Sequence
 import jax
 from ml_collections import ConfigDict
 
-from gpt1_jax import constants, optim
+from gpt1_jax import constants
 from gpt1_jax.constants import SHAPE_KEYS
 from gpt1_jax.errors import UserError
+from gpt1_jax.training import optim
 
 
 class ConfigError(UserError, ValueError):

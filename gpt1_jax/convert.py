@@ -15,7 +15,7 @@ from __future__ import annotations
 from absl import flags
 
 from gpt1_jax import cli
-from gpt1_jax.weight_formats import (
+from gpt1_jax.weights.weight_formats import (
     DEFAULT_N_HEAD,
     checked_finite,
     load_hf,
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m gpt1_jax.convert` (`gpt1-convert`); `argv` excludes the program name."""
     args = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.convert", synopsis=SYNOPSIS, doc=__doc__).flags
 
-    from gpt1_jax import checkpoint
+    from gpt1_jax.training import checkpoint
 
     provenance = {}  # an Orbax input's training run and tokenizer, which gpt1-evaluate reads for its unigram column
     if args.openai:

@@ -22,10 +22,11 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from gpt1_jax import cli, losses, storage
-from gpt1_jax.data import lm_batches, lm_pipeline, text_sources, token_cache
-from gpt1_jax.model import GPT1
-from gpt1_jax.tokenizer import GPT1Tokenizer
+from gpt1_jax import cli, storage
+from gpt1_jax.model import losses
+from gpt1_jax.model.transformer import GPT1
+from gpt1_jax.pretraining import lm_batches, lm_pipeline, text_sources, token_cache
+from gpt1_jax.text.tokenizer import GPT1Tokenizer
 
 SYNOPSIS = "(--checkpoint DIR | --hf DIR) --data SOURCE [--batch_size N]"
 
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m gpt1_jax.evaluate` (`gpt1-evaluate`); `argv` excludes the program name."""
     command = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.evaluate", synopsis=SYNOPSIS, doc=__doc__)
     args = command.flags
-    from gpt1_jax import checkpoint
-    from gpt1_jax.generate import load_model
+    from gpt1_jax.training import checkpoint
+    from gpt1_jax.weights.loading import load_model
 
     model = load_model(args.checkpoint, args.hf)
     tokenizer = GPT1Tokenizer.from_files(args.vocab_dir)

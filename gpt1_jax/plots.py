@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from gpt1_jax import storage  # noqa: E402
 from gpt1_jax.errors import UserError  # noqa: E402
-from gpt1_jax.run_log import METRICS_FILE, read_metrics  # noqa: E402
+from gpt1_jax.training.run_log import METRICS_FILE, read_metrics  # noqa: E402
 
 PANELS = (
     ("loss", ("loss", "task_loss", "lm_loss", "val_loss")),

@@ -15,7 +15,7 @@ from absl import flags
 
 from gpt1_jax import cli, storage
 from gpt1_jax.errors import UserError
-from gpt1_jax.run_log import METRICS_FILE, read_metrics
+from gpt1_jax.training.run_log import METRICS_FILE, read_metrics
 
 PAPER_BOOKSCORPUS_PERPLEXITY = 18.4
 HEADER = ["| run | task | split | metric | ours | paper | difference |", "|---|---|---|---|---:|---:|---:|"]

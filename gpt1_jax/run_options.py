@@ -13,10 +13,11 @@ import json
 
 from ml_collections import ConfigDict
 
-from gpt1_jax import config_check, custom_task, optim, train_lib
+from gpt1_jax import config_check
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.data import task_inputs
-from gpt1_jax.data.lm_pipeline import LMDataOptions
+from gpt1_jax.finetuning import custom_task, task_inputs
+from gpt1_jax.pretraining.lm_pipeline import LMDataOptions
+from gpt1_jax.training import optim, train_lib
 
 
 def optimizer_options(config: ConfigDict) -> optim.OptimizerOptions:

@@ -5,7 +5,7 @@ from its latest checkpoint; a multi-host run starts the same command on every ho
     python train.py --config configs/<recipe>.py --workdir DIR [--config.key=value ...]
 
 Installed as `gpt1-train`; `train.py` at the repository root only calls `main`. Multi-process
-start-up is `gpt1_jax.distributed`'s.
+start-up is `gpt1_jax.training.distributed`'s.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import sys
 import jax
 from absl import flags
 
-from gpt1_jax import cli, config_check, distributed, recipe_flags, workdir_guard
+from gpt1_jax import cli, config_check, recipe_flags
+from gpt1_jax.training import distributed, workdir_guard
 
 SYNOPSIS = f"--workdir DIR {recipe_flags.CONFIG_SYNOPSIS}"
 
@@ -61,11 +62,11 @@ def main(argv: list[str] | None = None) -> None:
         workdir_guard.refuse_if_held(args.workdir)
     config = args.config
     if config.mode == "pretrain":
-        from gpt1_jax.pretrain import pretrain
+        from gpt1_jax.pretraining.pretrain import pretrain
 
         pretrain(config, args.workdir)
     elif config.mode == "finetune":
-        from gpt1_jax.finetune import finetune
+        from gpt1_jax.finetuning.finetune import finetune
 
         finetune(config, args.workdir)
     else:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from absl import flags
 
 from gpt1_jax import cli
-from gpt1_jax.tokenizer import GPT1Tokenizer
-from gpt1_jax.zeroshot_probes import PROBES, run_probe
+from gpt1_jax.pretraining.zeroshot_probes import PROBES, run_probe
+from gpt1_jax.text.tokenizer import GPT1Tokenizer
 
 SYNOPSIS = "(--checkpoint DIR | --hf DIR) --task TASK [--split SPLIT] [--max_examples N] [--data_root DIR]"
 
@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m gpt1_jax.zeroshot` (`gpt1-zeroshot`); `argv` excludes the program name."""
     args = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.zeroshot", synopsis=SYNOPSIS, doc=__doc__).flags
 
-    from gpt1_jax.data.task_readers import read_task
-    from gpt1_jax.generate import load_model
-    from gpt1_jax.tasks import get_task
+    from gpt1_jax.finetuning.task_readers import read_task
+    from gpt1_jax.finetuning.tasks import get_task
+    from gpt1_jax.weights.loading import load_model
 
     model = load_model(args.checkpoint, args.hf)
     tokenizer = GPT1Tokenizer.from_files(args.vocab_dir)

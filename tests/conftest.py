@@ -36,14 +36,14 @@ def token_cache_dir(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def tiny_pretraining(tmp_path_factory, data_root, token_cache_dir) -> pathlib.Path:
-    """The workdir of `configs/tiny_pretrain.py` as shipped (300 steps) on the six shared books.
+    """The workdir of `gpt1_jax/configs/tiny_pretrain.py` as shipped (300 steps) on the six shared books.
 
     One run serves the pre-training test (perplexity against the unigram baseline) and the
     fine-tuning tests (its `checkpoints/` are their pre-trained starting point, the central-result
     test's included: 200 steps are too few for Story Cloze to gain from them).
     """
-    from configs import tiny_pretrain
-    from gpt1_jax import pretrain
+    from gpt1_jax.configs import tiny_pretrain
+    from gpt1_jax.pretraining import pretrain
 
     config = tiny_pretrain.get_config()
     config.data.cache_dir = str(token_cache_dir)
@@ -81,7 +81,7 @@ def char_tokenizer() -> type:
 @pytest.fixture
 def write_corpus():
     """write_corpus(folder, texts): one file per text, read back as a one-process FileCorpus."""
-    from gpt1_jax.data import text_sources
+    from gpt1_jax.pretraining import text_sources
 
     def write(folder, texts):
         folder.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,12 @@ import time
 import numpy as np
 from ml_collections import ConfigDict
 
-from configs import tiny_pretrain
-from gpt1_jax import checkpoint
-from gpt1_jax.run_log import read_metrics
+from gpt1_jax.configs import tiny_pretrain
+from gpt1_jax.training import checkpoint
+from gpt1_jax.training.run_log import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+RECIPES = REPO / "gpt1_jax" / "configs"  # the recipe files
 ALICE = "local:corpus/gutenberg/11-0.txt"
 
 
@@ -59,7 +60,7 @@ def as_flags(config: ConfigDict) -> list[str]:
 
 def train_py_command(config: ConfigDict, workdir) -> list[str]:
     """python train.py with the tiny recipe file and `config` as overrides."""
-    return [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_pretrain.py"),
+    return [sys.executable, str(REPO / "train.py"), "--config", str(RECIPES / "tiny_pretrain.py"),
             "--workdir", str(workdir), *as_flags(config)]
 
 

@@ -19,9 +19,11 @@ import pytest
 from absl import logging as absl_logging
 from flax import nnx
 
-from gpt1_jax import checkpoint, tasks, weight_formats
-from gpt1_jax.heads import TaskModel
-from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.finetuning import tasks
+from gpt1_jax.model.heads import TaskModel
+from gpt1_jax.model.transformer import GPT1, GPT1Config
+from gpt1_jax.training import checkpoint
+from gpt1_jax.weights import weight_formats
 
 SMALL = GPT1Config(vocab_size=50, n_ctx=8, width=16, n_head=2, n_layer=1, mlp_width=32, vocab_pad_multiple=1)
 
@@ -85,7 +87,7 @@ def test_a_damaged_latest_step_is_set_aside_and_the_previous_one_restored(tmp_pa
         if f.is_file() and f.stat().st_size > 100:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     saver = checkpoint.TrainCheckpointer(tmp_path, keep=5)
-    with caplog.at_level(logging.WARNING, logger="gpt1_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="gpt1_jax.training.checkpoint"):
         step, params, rest = saver.restore_latest(*map(abstract, train_trees(4)))
     saver.close()
     assert (step, int(rest["step"])) == (2, 2)
@@ -152,7 +154,7 @@ def test_a_step_folder_that_cannot_be_made_fails_the_save_at_once(tmp_path):
 SHARDED_CHECKSUMS = """
 import numpy as np, jax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from gpt1_jax import checkpoint
+from gpt1_jax.training import checkpoint
 mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
 tree = {"a": np.random.default_rng(0).normal(size=(16, 12, 8)).astype(np.float32), "b": np.arange(8, dtype=np.int32)}
 specs = {"a": P("fsdp", None, "data"), "b": P(("data", "fsdp"))}
@@ -204,7 +206,7 @@ def test_flipped_bytes_fail_the_checksum_restore_falls_back_and_load_pretrained_
     with pytest.raises(checkpoint.CheckpointError, match=r"step 4 in .*: params/\S+ does not match the checksum"):
         checkpoint.load_pretrained(tmp_path)
     saver = checkpoint.TrainCheckpointer(tmp_path, keep=5)
-    with caplog.at_level(logging.WARNING, logger="gpt1_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="gpt1_jax.training.checkpoint"):
         step, params, _ = saver.restore_latest(abstract(random_bits(shapes, 2)), abstract({"step": np.int32(0)}))
     saver.close()
     assert step == 2 and saver.resumed_verified
@@ -225,7 +227,7 @@ def test_garbage_metadata_is_set_aside_in_training_and_named_when_loading(tmp_pa
         with pytest.raises(checkpoint.CheckpointError, match=f"{metadata_file}.*(unreadable|not the JSON object)"):
             read(tmp_path / "converted")
     saver = checkpoint.TrainCheckpointer(tmp_path / "run", keep=5)
-    with caplog.at_level(logging.WARNING, logger="gpt1_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="gpt1_jax.training.checkpoint"):
         step, _, _ = saver.restore_latest(*map(abstract, train_trees(4)))
     saver.close()
     assert step == 2 and "Checkpoint step 4" in caplog.text
@@ -252,7 +254,7 @@ def test_a_fine_tuning_checkpoint_gives_its_backbone_where_a_pre_trained_one_is_
     saver = checkpoint.TrainCheckpointer(tmp_path, keep=1, async_save=False)
     saver.save(7, params, {"step": np.int32(7)}, {"model_config": backbone_config.to_dict(), "kind": "finetune"})
     saver.close()
-    with caplog.at_level(logging.INFO, logger="gpt1_jax.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="gpt1_jax.training.checkpoint"):
         config, loaded, metadata = checkpoint.load_pretrained(tmp_path)
     assert config == backbone_config and metadata["kind"] == "finetune"
     jax.tree.map(np.testing.assert_array_equal, loaded, params["backbone"])

@@ -8,8 +8,8 @@ import sys
 import pytest
 from absl import flags
 
-from gpt1_jax import cli, generate, train_cli, zeroshot
-from pretrain_helpers import REPO
+from gpt1_jax import cli, generate, recipe_flags, train_cli, zeroshot
+from pretrain_helpers import RECIPES, REPO
 
 TOOLS = ["generate", "convert", "zeroshot", "report", "evaluate", "compile"]
 
@@ -68,10 +68,40 @@ def test_tools_with_the_same_flag_names_live_in_one_process(capsys):
 
 
 def test_train_reads_config_overrides_from_the_argv_it_is_given(tmp_path, capsys):
-    argv = ["--config", str(REPO / "configs" / "tiny_pretrain.py"), "--workdir", str(tmp_path), "--config.mode=bogus"]
+    argv = ["--config", str(RECIPES / "tiny_pretrain.py"), "--workdir", str(tmp_path), "--config.mode=bogus"]
     with pytest.raises(SystemExit) as exit_info:
         train_cli.main(argv)
     assert exit_info.value.code == 2 and "error: mode='bogus'" in capsys.readouterr().err
+
+
+def test_configs_name_names_the_shipped_recipe_from_any_directory_and_a_file_there_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert recipe_flags.recipe_file("configs/finetune.py") == RECIPES / "finetune.py"
+    assert recipe_flags.with_recipe_resolved(["--config=configs/finetune.py:tiny"]) == [
+        f"--config={RECIPES / 'finetune.py'}:tiny"]
+    (tmp_path / "configs").mkdir()
+    own = tmp_path / "configs" / "finetune.py"
+    own.write_text("def get_config(arg=None):\n    return None\n")
+    assert recipe_flags.recipe_file("configs/finetune.py") == pathlib.Path("configs/finetune.py")
+
+
+@pytest.mark.parametrize("name", ["train", "compile"])
+@pytest.mark.parametrize("problem", ["missing", "syntax error"])
+def test_a_missing_or_broken_recipe_file_is_one_line_naming_it(tmp_path, capsys, name, problem):
+    recipe = tmp_path / "recipe.py"
+    if problem == "syntax error":
+        recipe.write_text("def get_config(arg=None):\n    return {\n\nx = 1\n")
+    argv = ["--config", f"{recipe}:tiny", "--workdir", str(tmp_path / "w")] if name == "train" else [
+        "--config", f"{recipe}:tiny", "--topology", "v5e:2x2"]
+    tool = train_cli if name == "train" else importlib.import_module("gpt1_jax.compile")
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    expected = (f"error: --config: {recipe}:2: " if problem == "syntax error"
+                else f"error: --config: no recipe file '{recipe}'")
+    assert err[0].startswith(expected), err
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("override, message", [
@@ -85,7 +115,7 @@ def test_train_reads_config_overrides_from_the_argv_it_is_given(tmp_path, capsys
      "--config.seed.x: {recipe} has no key 'x' in section 'seed'; seed is a value, not a section."),
 ])
 def test_an_unknown_config_key_names_its_section_and_the_nearest_valid_key(tmp_path, capsys, override, message):
-    recipe = str(REPO / "configs" / "finetune.py") + ":tiny"
+    recipe = str(RECIPES / "finetune.py") + ":tiny"
     with pytest.raises(SystemExit) as exit_info:
         train_cli.main(["--config", recipe, "--workdir", str(tmp_path / "w"), override])
     err = capsys.readouterr().err
@@ -100,14 +130,14 @@ def user_error_command_lines(tmp_path: pathlib.Path) -> dict[str, tuple]:
     empty = tmp_path / "empty"
     empty.mkdir()
     return {
-        "train": (train_cli, ["--config", str(REPO / "configs" / "tiny_pretrain.py"), "--workdir", str(tmp_path / "w"),
+        "train": (train_cli, ["--config", str(RECIPES / "tiny_pretrain.py"), "--workdir", str(tmp_path / "w"),
                               "--config.train.batch_size=0"], "train.batch_size=0"),
         "generate": (generate, ["--checkpoint", missing, "--prompt", "hello"], missing),
         "zeroshot": (zeroshot, ["--checkpoint", missing, "--task", "sst2"], missing),
         "evaluate": ("evaluate", ["--checkpoint", missing, "--data", "files:*.txt"], missing),
         "convert": ("convert", ["--openai", str(empty), "--orbax", str(tmp_path / "out")], str(empty)),
         "report": ("report", [str(empty)], str(empty)),
-        "compile": ("compile", ["--config", str(REPO / "configs" / "tiny_pretrain.py"), "--topology", "v9:2x2"],
+        "compile": ("compile", ["--config", str(RECIPES / "tiny_pretrain.py"), "--topology", "v9:2x2"],
                     "'v9:2x2'"),
     }
 

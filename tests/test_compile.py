@@ -11,9 +11,9 @@ import pytest
 from gpt1_jax import cli
 from gpt1_jax import compile as compile_tool
 from gpt1_jax.aot import slices
-from pretrain_helpers import REPO
+from pretrain_helpers import RECIPES
 
-TINY = str(REPO / "configs" / "tiny_pretrain.py")
+TINY = str(RECIPES / "tiny_pretrain.py")
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -14,9 +14,10 @@ import torch
 from flax import nnx
 from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
-from gpt1_jax import checkpoint, convert
-from gpt1_jax.model import GPT1, GPT1Config
-from gpt1_jax.weight_formats import (
+from gpt1_jax import convert
+from gpt1_jax.model.transformer import GPT1, GPT1Config
+from gpt1_jax.training import checkpoint
+from gpt1_jax.weights.weight_formats import (
     DEFAULT_N_HEAD,
     WeightFormatError,
     load_hf,
@@ -295,7 +296,7 @@ def test_cli_refuses_non_finite_weights_unless_allowed(tmp_path, capsys, caplog)
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and re.search(rf"error: .*hf: {NONFINITE_C_FC}.*--allow_nonfinite", error)
     assert not (tmp_path / "ckpt").exists()
-    with caplog.at_level(logging.WARNING, logger="gpt1_jax.weight_files"):
+    with caplog.at_level(logging.WARNING, logger="gpt1_jax.weights.weight_files"):
         convert.main([*command, "--allow-nonfinite"])
     assert re.search(rf"{NONFINITE_C_FC}; loaded anyway", caplog.text)
     assert np.isnan(checkpoint.load_pretrained(tmp_path / "ckpt")[1]["blocks"]["mlp"]["fc"]["kernel"][1, 0, 0])

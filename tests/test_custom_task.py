@@ -1,4 +1,5 @@
-"""Your own task from the command line (`configs/finetune.py:custom`): files the tests write, run through train.py."""
+"""Your own task from the command line (`--config configs/finetune.py:custom`): files the tests write, run through
+train.py."""
 
 import csv
 import json
@@ -7,12 +8,12 @@ import pathlib
 import numpy as np
 import pytest
 
-from configs import finetune as finetune_recipe
-from gpt1_jax import custom_task, finetune, run_options, train_cli
+from gpt1_jax import run_options, train_cli
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.data import task_inputs
-from gpt1_jax.data.task_readers import DataError
-from pretrain_helpers import REPO
+from gpt1_jax.configs import finetune as finetune_recipe
+from gpt1_jax.finetuning import custom_task, finetune, task_inputs
+from gpt1_jax.finetuning.task_readers import DataError
+from pretrain_helpers import RECIPES
 
 QUESTION_CLASSES = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
 QUESTIONS = {
@@ -29,7 +30,7 @@ def pretrained(tiny_pretraining) -> pathlib.Path:
 
 def train(workdir: pathlib.Path, init, *overrides: str, recipe: str = "custom") -> dict:
     """`python train.py --config configs/finetune.py:<recipe>` with the tiny model's settings, one short epoch."""
-    train_cli.main(["--config", f"{REPO / 'configs' / 'finetune.py'}:{recipe}", "--workdir", str(workdir),
+    train_cli.main(["--config", f"{RECIPES / 'finetune.py'}:{recipe}", "--workdir", str(workdir),
                     f"--config.init={init}", "--config.finetune.epochs=1", "--config.finetune.eval_at=",
                     "--config.train.batch_size=8", "--config.train.eval_batch_size=16",
                     "--config.train.log_every=2", "--config.checkpoint.async_save=False",

@@ -10,7 +10,7 @@ import re
 import jax
 import pytest
 
-from gpt1_jax import distributed
+from gpt1_jax.training import distributed
 
 # The variables of every launcher jax detects, and ours: cleared so that each test sets its own world.
 LAUNCHER_PREFIXES = ("JAX_COORDINATOR", "GPT1_JAX_NUM_PROCESSES", "GPT1_JAX_PROCESS_ID", "SLURM_", "OMPI_",

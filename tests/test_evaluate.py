@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt1_jax import checkpoint, evaluate
-from gpt1_jax.tokenizer import GPT1Tokenizer
-from gpt1_jax.weight_formats import model_from_params
+from gpt1_jax import evaluate
+from gpt1_jax.text.tokenizer import GPT1Tokenizer
+from gpt1_jax.training import checkpoint
+from gpt1_jax.weights.weight_formats import model_from_params
 
 UNSEEN_BOOKS = "local:corpus/gutenberg/1[12][05]*-0.txt"  # 1155 and 120: not among the tiny recipe's books
 

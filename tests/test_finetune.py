@@ -12,13 +12,14 @@ import jax
 import numpy as np
 import pytest
 
-from configs import finetune as finetune_recipe
-from gpt1_jax import checkpoint, finetune, finetune_start, tasks, weight_formats
 from gpt1_jax.config_check import ConfigError
+from gpt1_jax.configs import finetune as finetune_recipe
 from gpt1_jax.constants import SHAPE_KEYS
-from gpt1_jax.data import task_inputs
-from gpt1_jax.run_log import read_metrics
-from pretrain_helpers import REPO, losses, wait_for_step
+from gpt1_jax.finetuning import finetune, finetune_start, task_inputs, tasks
+from gpt1_jax.training import checkpoint
+from gpt1_jax.training.run_log import read_metrics
+from gpt1_jax.weights import weight_formats
+from pretrain_helpers import RECIPES, REPO, losses, wait_for_step
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +182,11 @@ def test_resumed_run_writes_results_and_glue_predictions(pretrained, tmp_path, d
 
 
 def launch_two_process_finetuning(workdir: pathlib.Path, data_root: pathlib.Path) -> list[subprocess.Popen]:
-    """configs/finetune.py:tiny from scratch, 3 epochs of 20 steps, as 2 processes on localhost."""
+    """gpt1_jax/configs/finetune.py:tiny from scratch, 3 epochs of 20 steps, as 2 processes on localhost."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, str(REPO / "train.py"), "--config", f"{REPO / 'configs' / 'finetune.py'}:tiny",
+    command = [sys.executable, str(REPO / "train.py"), "--config", f"{RECIPES / 'finetune.py'}:tiny",
                "--workdir", str(workdir), "--config.init=", "--config.data.task_source=local",
                "--config.finetune.epochs=3", "--config.finetune.eval_at=", "--config.train.log_every=1",
                "--config.checkpoint.async_save=False"]

@@ -22,8 +22,17 @@ import gcs_emulator
 import gcs_fault_proxy
 import pytest
 
-from gpt1_jax import checkpoint
-from pretrain_helpers import REPO, assert_trees_equal, final_params, losses, run_train_py, tiny_config, train_py_command
+from gpt1_jax.training import checkpoint
+from pretrain_helpers import (
+    RECIPES,
+    REPO,
+    assert_trees_equal,
+    final_params,
+    losses,
+    run_train_py,
+    tiny_config,
+    train_py_command,
+)
 
 pytestmark = pytest.mark.slow
 BUCKET = gcs_emulator.BUCKET
@@ -146,7 +155,7 @@ def test_pretrain_on_a_bucket_stops_on_sigterm_resumes_bit_for_bit_and_fine_tune
 
     finetuned = "gs://test-bucket/finetune"
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--config", f"{REPO / 'configs' / 'finetune.py'}:tiny",
+        [sys.executable, str(REPO / "train.py"), "--config", f"{RECIPES / 'finetune.py'}:tiny",
          "--workdir", finetuned, f"--config.init={run}/checkpoints", "--config.finetune.max_train_examples=64",
          "--config.train.batch_size=16", "--config.train.eval_batch_size=64", "--config.model.n_ctx=32"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -209,7 +218,7 @@ def test_two_hosts_that_share_only_the_bucket_pretrain_resume_and_fine_tune(serv
     tool(server, "convert", f"--orbax_in={run}/checkpoints", f"--orbax={tmp_path / 'copied'}")
     assert_trees_equal(checkpoint.load_pretrained(tmp_path / "copied")[1], final_params(reference))
 
-    finetune = [sys.executable, str(REPO / "train.py"), "--config", f"{REPO / 'configs' / 'finetune.py'}:tiny",
+    finetune = [sys.executable, str(REPO / "train.py"), "--config", f"{RECIPES / 'finetune.py'}:tiny",
                 "--workdir", "gs://test-bucket/two_hosts_finetune", f"--config.init={run}/checkpoints",
                 "--config.finetune.max_train_examples=64", "--config.train.batch_size=16",
                 "--config.train.eval_batch_size=64", "--config.model.n_ctx=32"]

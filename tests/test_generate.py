@@ -11,10 +11,11 @@ import torch
 from flax import nnx
 from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
-from gpt1_jax import checkpoint
-from gpt1_jax.generate import generate, main, sample_logits
-from gpt1_jax.model import GPT1, GPT1Config
-from gpt1_jax.weight_formats import load_hf, model_from_params, params_of
+from gpt1_jax.generate import main
+from gpt1_jax.model.sampling import generate, sample_logits
+from gpt1_jax.model.transformer import GPT1, GPT1Config
+from gpt1_jax.training import checkpoint
+from gpt1_jax.weights.weight_formats import load_hf, model_from_params, params_of
 
 PROMPTS = np.array([[3, 14, 15, 92, 65], [35, 89, 79, 32, 38]])  # [batch, seq]
 N_NEW = 10
@@ -126,7 +127,7 @@ def test_generation_past_n_ctx_slides_the_window_and_equals_recomputing_the_last
 def test_a_prompt_longer_than_n_ctx_keeps_its_last_tokens_with_a_warning(caplog):
     model = wide_random_model(n_ctx=16)
     prompt = np.arange(20) % 100
-    with caplog.at_level(logging.WARNING, logger="gpt1_jax.generate"):
+    with caplog.at_level(logging.WARNING, logger="gpt1_jax.model.sampling"):
         new = generate(model, prompt, max_new_tokens=5, greedy=True)
     assert "The prompt has 20 tokens but model.n_ctx is 16: generating from its last 16 tokens" in caplog.text
     np.testing.assert_array_equal(new, generate(model, prompt[-16:], max_new_tokens=5, greedy=True))
@@ -143,8 +144,9 @@ def test_cli_generates_from_orbax_checkpoint(tmp_path, capsys, data_root):
 
 def test_a_fine_tuned_backbone_generates_text_tokens_only(tmp_path):
     """A fine-tuning checkpoint's backbone has 3 special-token rows the tokenizer cannot write: dropped."""
-    from gpt1_jax import heads, tasks
-    from gpt1_jax.generate import load_model
+    from gpt1_jax.finetuning import tasks
+    from gpt1_jax.model import heads
+    from gpt1_jax.weights.loading import load_model
 
     config = GPT1Config(vocab_size=50, n_special=3, n_ctx=16, width=32, n_head=2, n_layer=1, mlp_width=64,
                         vocab_pad_multiple=1)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt1_jax import tasks
-from gpt1_jax.heads import ClassifierHead, TaskModel, gather_positions, task_loss
-from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.finetuning import tasks
+from gpt1_jax.model.heads import ClassifierHead, TaskModel, gather_positions, task_loss
+from gpt1_jax.model.transformer import GPT1, GPT1Config
 
 TINY = GPT1Config(n_special=3, n_ctx=32, width=32, n_head=2, n_layer=2, mlp_width=64)
 
@@ -142,9 +142,10 @@ def test_lm_loss_on_the_real_tokens_alone_equals_the_masked_loss():
 EIGHT_DEVICE_CHECK = """
 import jax, numpy as np
 from flax import nnx
-from gpt1_jax import sharding, tasks
-from gpt1_jax.heads import TaskModel, task_loss
-from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.training import sharding
+from gpt1_jax.finetuning import tasks
+from gpt1_jax.model.heads import TaskModel, task_loss
+from gpt1_jax.model.transformer import GPT1, GPT1Config
 
 assert jax.device_count() == 8
 rngs = nnx.Rngs(0)

@@ -1,9 +1,9 @@
-"""gpt1_jax/data/lm_batches.py: random training windows, prefetching, fixed validation windows."""
+"""gpt1_jax/pretraining/lm_batches.py: random training windows, prefetching, fixed validation windows."""
 
 import numpy as np
 import pytest
 
-from gpt1_jax.data import lm_batches, token_cache
+from gpt1_jax.pretraining import lm_batches, token_cache
 
 
 def counting_stream(n):

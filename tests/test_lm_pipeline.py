@@ -1,4 +1,4 @@
-"""gpt1_jax/data/lm_pipeline.py: a run's source, cache, training windows and validation, from its config (through
+"""gpt1_jax/pretraining/lm_pipeline.py: a run's source, cache, training windows and validation, from its config (through
 the pre-training recipe's `lm_data`, which builds the pipeline's options)."""
 
 import math
@@ -7,11 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from gpt1_jax import pretrain
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.data import lm_batches, lm_pipeline
-from gpt1_jax.data.lm_pipeline import LMData
-from gpt1_jax.data.text_sources import CorpusError
+from gpt1_jax.pretraining import lm_batches, lm_pipeline, pretrain
+from gpt1_jax.pretraining.lm_pipeline import LMData
+from gpt1_jax.pretraining.text_sources import CorpusError
 from pretrain_helpers import tiny_config
 
 TWO_BOOKS = "local:corpus/gutenberg/3[56]-0.txt"  # The Time Machine, The War of the Worlds

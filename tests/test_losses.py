@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt1_jax.losses import lm_loss_sum
-from gpt1_jax.model import GPT1, GPT1Config
+from gpt1_jax.model.losses import lm_loss_sum
+from gpt1_jax.model.transformer import GPT1, GPT1Config
 
 CFG = GPT1Config(vocab_size=1000, n_ctx=16, width=32, n_head=2, n_layer=1, mlp_width=64)
 

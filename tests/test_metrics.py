@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from gpt1_jax import metrics
+from gpt1_jax.finetuning import metrics
 
 PRED = np.array([1, 1, 0, 0, 1, 0, 1, 1])
 GOLD = np.array([1, 0, 0, 1, 1, 0, 1, 0])  # tp=3, fp=2, fn=1, tn=2

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt1_jax.model import GPT1, Block, GPT1Config, count_params
-from gpt1_jax.weight_formats import model_from_params, params_of
+from gpt1_jax.model.transformer import GPT1, Block, GPT1Config, count_params
+from gpt1_jax.weights.weight_formats import model_from_params, params_of
 
 TINY = GPT1Config(vocab_size=300, n_ctx=32, width=48, n_head=4, n_layer=3, mlp_width=96, vocab_pad_multiple=128)
 

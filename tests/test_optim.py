@@ -9,8 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny_pretrain
-from gpt1_jax import config_check, optim, pretrain, run_options
+from gpt1_jax import config_check, run_options
+from gpt1_jax.configs import tiny_pretrain
+from gpt1_jax.pretraining import pretrain
+from gpt1_jax.training import optim
 
 
 def options(**changes) -> optim.OptimizerOptions:

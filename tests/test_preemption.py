@@ -1,4 +1,4 @@
-"""gpt1_jax/preemption.py: real SIGTERM / SIGINT as a stop request, the program's own handlers back on exit."""
+"""gpt1_jax/training/preemption.py: real SIGTERM / SIGINT as a stop request, the program's own handlers back on exit."""
 
 import os
 import signal
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gpt1_jax import checkpoint
-from gpt1_jax.preemption import StopRequest
+from gpt1_jax.training import checkpoint
+from gpt1_jax.training.preemption import StopRequest
 from pretrain_helpers import REPO, tiny_config, train_py_command, wait_for_step
 
 

@@ -5,9 +5,9 @@ import json
 import pytest
 from ml_collections import ConfigDict
 
-from gpt1_jax import pretrain
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.run_log import read_metrics
+from gpt1_jax.pretraining import pretrain
+from gpt1_jax.training.run_log import read_metrics
 from pretrain_helpers import assert_trees_equal, final_params, losses, tiny_config
 
 

@@ -19,11 +19,12 @@ import pytest
 import torch
 from flax import nnx
 
-from configs import finetune as finetune_recipe
-from gpt1_jax import convert, finetune, finetune_start, optim, run_options, tasks, train_lib
-from gpt1_jax.data import task_inputs
-from gpt1_jax.heads import TaskModel, task_loss
-from gpt1_jax.tokenizer import CLASSIFY_ID, DELIMITER_ID, START_ID, GPT1Tokenizer
+from gpt1_jax import convert, run_options
+from gpt1_jax.configs import finetune as finetune_recipe
+from gpt1_jax.finetuning import finetune, finetune_start, task_inputs, tasks
+from gpt1_jax.model.heads import TaskModel, task_loss
+from gpt1_jax.text.tokenizer import CLASSIFY_ID, DELIMITER_ID, START_ID, GPT1Tokenizer
+from gpt1_jax.training import optim, train_lib
 
 WIDTH, N_LAYER, N_HEAD, N_CTX, VOCAB, N_SPECIAL = 128, 2, 2, 128, 40478, 3
 BATCH = 8

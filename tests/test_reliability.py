@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from gpt1_jax import checkpoint, pretrain, train_lib
-from gpt1_jax.run_log import read_metrics
+from gpt1_jax.pretraining import pretrain
+from gpt1_jax.training import checkpoint, train_lib
+from gpt1_jax.training.run_log import read_metrics
 from pretrain_helpers import (
     REPO,
     assert_trees_equal,

@@ -4,9 +4,11 @@ import json
 
 import pytest
 
-from configs import finetune as finetune_recipe
-from gpt1_jax import finetune, pretrain, report
-from gpt1_jax.run_log import METRICS_FILE
+from gpt1_jax import report
+from gpt1_jax.configs import finetune as finetune_recipe
+from gpt1_jax.finetuning import finetune
+from gpt1_jax.pretraining import pretrain
+from gpt1_jax.training.run_log import METRICS_FILE
 from pretrain_helpers import tiny_config
 
 

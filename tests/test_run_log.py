@@ -1,4 +1,4 @@
-"""gpt1_jax/run_log.py: metrics.jsonl and TensorBoard event files of a run, read back as written, one history
+"""gpt1_jax/training/run_log.py: metrics.jsonl and TensorBoard event files of a run, read back as written, one history
 across restarts."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from gpt1_jax.run_log import METRICS_FILE, SUPERSEDED_FILE, MetricsError, RunLog, read_metrics
+from gpt1_jax.training.run_log import METRICS_FILE, SUPERSEDED_FILE, MetricsError, RunLog, read_metrics
 
 
 def log_steps(workdir, steps: dict[int, dict], *, initial_step: int = 0) -> None:

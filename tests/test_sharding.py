@@ -12,7 +12,8 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gpt1_jax import pretrain, sharding
+from gpt1_jax.pretraining import pretrain
+from gpt1_jax.training import sharding
 from pretrain_helpers import REPO, assert_trees_equal, final_params, losses, run_train_py, tiny_config, train_py_command
 
 TOLERANCE = dict(rel=2e-4)

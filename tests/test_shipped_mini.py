@@ -14,16 +14,19 @@ import jax
 import numpy as np
 import pytest
 
-from configs import finetune as finetune_recipe
-from configs import mini_pretrain
-from gpt1_jax import checkpoint, evaluate, finetune, pretrained
+from gpt1_jax import evaluate
 from gpt1_jax.config_check import SHAPE_KEYS
-from gpt1_jax.data import text_sources
-from gpt1_jax.generate import load_model
-from gpt1_jax.tokenizer import GPT1Tokenizer
+from gpt1_jax.configs import finetune as finetune_recipe
+from gpt1_jax.configs import mini_pretrain
+from gpt1_jax.finetuning import finetune
+from gpt1_jax.pretraining import text_sources
+from gpt1_jax.text.tokenizer import GPT1Tokenizer
+from gpt1_jax.training import checkpoint
+from gpt1_jax.weights import pretrained
+from gpt1_jax.weights.loading import load_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "gpt1_jax" / "pretrained" / "mini"
+SHIPPED = REPO / "gpt1_jax" / "weights" / "pretrained" / "mini"
 DOCS = REPO / "docs" / "finetuning.md"
 
 

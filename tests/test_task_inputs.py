@@ -4,11 +4,11 @@ splits a fine-tuning run reads (Story Cloze's held-out stories, missing files)."
 import numpy as np
 import pytest
 
-from configs import finetune as finetune_recipe
-from gpt1_jax import finetune, run_options, tasks
+from gpt1_jax import run_options
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.data import task_inputs
-from gpt1_jax.data.task_readers import DataError, Example
+from gpt1_jax.configs import finetune as finetune_recipe
+from gpt1_jax.finetuning import finetune, task_inputs, tasks
+from gpt1_jax.finetuning.task_readers import DataError, Example
 
 S, D, C = 40478, 40479, 40480  # _start_, _delimiter_, _classify_ (fixed by the released code)
 
@@ -23,7 +23,7 @@ def build(examples, kind, **kwargs):
 
 
 def tiny_config(init=""):
-    """configs/finetune.py:tiny reading task files from the local data root."""
+    """gpt1_jax/configs/finetune.py:tiny reading task files from the local data root."""
     config = finetune_recipe.get_config("tiny")
     config.init = str(init)
     config.data.task_source = "local"
@@ -116,7 +116,7 @@ def test_batches_count_every_example_once():
 
 
 def test_real_sst2_dev_builds_within_context(data_root):
-    from gpt1_jax.data import task_readers
+    from gpt1_jax.finetuning import task_readers
 
     examples = task_readers.read_local(tasks.get_task("sst2"), "validation", data_root).examples
     encoded = task_inputs.encode_examples(examples, lambda texts: [[ord(c) for c in t] for t in texts])

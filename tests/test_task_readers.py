@@ -13,9 +13,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gpt1_jax import tasks
-from gpt1_jax.data import task_readers
-from gpt1_jax.data.task_readers import DataError, ReadResult, read_columns, read_race_jsonl, read_story_cloze_csv
+from gpt1_jax.finetuning import task_readers, tasks
+from gpt1_jax.finetuning.task_readers import DataError, ReadResult, read_columns, read_race_jsonl, read_story_cloze_csv
 
 # (task, split) -> (examples, label counts by index; None for unlabeled or float labels), from data/README.md.
 LOCAL_COUNTS = {

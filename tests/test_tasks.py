@@ -4,7 +4,7 @@ The readers of the task files are tested in test_task_readers.py."""
 
 import pytest
 
-from gpt1_jax import metrics, tasks
+from gpt1_jax.finetuning import metrics, tasks
 
 PAPER_TASKS = ("snli", "mnli", "qnli", "rte", "scitail", "race/middle", "race/high", "race/all", "story_cloze",
                "mrpc", "qqp", "stsb", "cola", "sst2")

@@ -1,4 +1,4 @@
-"""gpt1_jax/data/text_sources.py: local files and TFDS as documents, cleaned and shared over processes."""
+"""gpt1_jax/pretraining/text_sources.py: local files and TFDS as documents, cleaned and shared over processes."""
 
 import glob
 import logging
@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from gpt1_jax import vocab_files
-from gpt1_jax.data import text_sources, token_cache
+from gpt1_jax.pretraining import text_sources, token_cache
+from gpt1_jax.text import vocab_files
 
 
 def test_missing_files_and_unset_data_root_name_the_config(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""gpt1_jax/data/token_cache.py: the atomic uint16 token cache, its reuse, invalidation and repair."""
+"""gpt1_jax/pretraining/token_cache.py: the atomic uint16 token cache, its reuse, invalidation and repair."""
 
 import hashlib
 import os
@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from gpt1_jax.data import lm_batches, text_sources, token_cache
+from gpt1_jax.pretraining import lm_batches, text_sources, token_cache
 
 
 def file_digests(folder):
@@ -98,9 +98,9 @@ def test_failed_build_leaves_no_cache_and_keeps_existing_ones(tmp_path, char_tok
 
 def test_real_tokenizer_cache_on_gutenberg_books(tmp_path, data_root, books):
     try:
-        from gpt1_jax.tokenizer import GPT1Tokenizer
+        from gpt1_jax.text.tokenizer import GPT1Tokenizer
     except ImportError as e:
-        pytest.skip(f"gpt1_jax.tokenizer is not importable yet: {e}")
+        pytest.skip(f"gpt1_jax.text.tokenizer is not importable yet: {e}")
     tokenizer = GPT1Tokenizer.from_files(data_root / "gpt1_vocab")
     source = text_sources.FileCorpus(str(books / "3[56]-0.txt"), process_index=0, process_count=1)
     cache = token_cache.TokenCache.load_or_build(source, tokenizer, str(tmp_path))

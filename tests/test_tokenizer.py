@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt1_jax import tokenizer as tk
-from gpt1_jax import vocab_files
+from gpt1_jax.text import tokenizer as tk
+from gpt1_jax.text import vocab_files
 
 REPO = Path(__file__).resolve().parents[1]
 PER_FIELD = 150  # texts per field in the parity sample; every k-th text so the sample spans the file
@@ -228,7 +228,7 @@ def test_workers_that_die_at_start_up_stop_the_script_with_what_to_do(tmp_path):
     """A script with no `__main__` guard re-runs itself in each spawned worker, which Python stops at once: the
     caller gets an error saying so, where a multiprocessing.Pool would start new workers forever."""
     script = tmp_path / "unguarded.py"
-    script.write_text("from gpt1_jax.tokenizer import GPT1Tokenizer\n"
+    script.write_text("from gpt1_jax.text.tokenizer import GPT1Tokenizer\n"
                       f"tok = GPT1Tokenizer.from_files({str((_data_root() / 'gpt1_vocab').resolve())!r})\n"
                       "print(list(tok._encode_parallel(['one text', 'and another'], 2)))\n")
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -9,10 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny_pretrain
-from gpt1_jax import checkpoint, optim, pretrain, run_options, train_lib
+from gpt1_jax import run_options
 from gpt1_jax.config_check import ConfigError, check_common
-from gpt1_jax.run_log import RunLog, read_metrics
+from gpt1_jax.configs import tiny_pretrain
+from gpt1_jax.pretraining import pretrain
+from gpt1_jax.training import checkpoint, optim, train_lib
+from gpt1_jax.training.run_log import RunLog, read_metrics
 
 STEPS = 4
 

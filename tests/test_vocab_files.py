@@ -1,4 +1,4 @@
-"""gpt1_jax/vocab_files.py: where the vocabulary is looked for, the fix-it error, and the fetch into the cache.
+"""gpt1_jax/text/vocab_files.py: where the vocabulary is looked for, the fix-it error, and the fetch into the cache.
 
 No test here reaches the network: downloads go to an HTTP server on 127.0.0.1 standing in for GitHub,
 or to a stand-in for `urllib.request.urlopen`.
@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from gpt1_jax import vocab_files
+from gpt1_jax.text import vocab_files
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,13 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from gpt1_jax.weight_files import MAX_NAMED_TENSORS, WeightFormatError, check_finite, read_hf_tensors, read_shard
+from gpt1_jax.weights.weight_files import (
+    MAX_NAMED_TENSORS,
+    WeightFormatError,
+    check_finite,
+    read_hf_tensors,
+    read_shard,
+)
 
 
 def some_tensors() -> dict[str, np.ndarray]:
@@ -142,13 +148,13 @@ def test_non_finite_weights_name_a_few_tensors_and_count_the_rest():
 def test_allowed_non_finite_weights_are_a_warning(caplog):
     tensors = some_tensors()
     tensors["transformer.h.0.ln_1.bias"][0] = np.inf
-    with caplog.at_level(logging.WARNING, logger="gpt1_jax.weight_files"):
+    with caplog.at_level(logging.WARNING, logger="gpt1_jax.weights.weight_files"):
         check_finite(tensors, "DIR", allow=True)
     assert re.search(r"DIR: non-finite weights in 'transformer\.h\.0\.ln_1\.bias' \(0 NaN, 1 inf of 64\); "
                      r"loaded anyway", caplog.text)
 
 
 def test_finite_weights_pass_silently(caplog):
-    with caplog.at_level(logging.WARNING, logger="gpt1_jax.weight_files"):
+    with caplog.at_level(logging.WARNING, logger="gpt1_jax.weights.weight_files"):
         check_finite(some_tensors(), "DIR")
     assert not caplog.text

@@ -18,10 +18,10 @@ import time
 import numpy as np
 import pytest
 
-from configs import finetune, tiny_pretrain
-from gpt1_jax import checkpoint, workdir_guard
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.workdir_guard import LOCK_FILE, RUN_CONFIG_FILE, WorkdirError
+from gpt1_jax.configs import finetune, tiny_pretrain
+from gpt1_jax.training import checkpoint, workdir_guard
+from gpt1_jax.training.workdir_guard import LOCK_FILE, RUN_CONFIG_FILE, WorkdirError
 from pretrain_helpers import REPO, tiny_config, train_py_command, wait_for_step
 
 

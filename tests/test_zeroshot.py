@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt1_jax import checkpoint, pretrain
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.data.task_readers import read_task
-from gpt1_jax.generate import score_continuations
-from gpt1_jax.model import GPT1, GPT1Config
-from gpt1_jax.run_log import read_metrics
-from gpt1_jax.tasks import get_task
-from gpt1_jax.tokenizer import GPT1Tokenizer
-from gpt1_jax.weight_formats import model_from_params
-from gpt1_jax.zeroshot_probes import run_probe
+from gpt1_jax.finetuning.task_readers import read_task
+from gpt1_jax.finetuning.tasks import get_task
+from gpt1_jax.model.scoring import score_continuations
+from gpt1_jax.model.transformer import GPT1, GPT1Config
+from gpt1_jax.pretraining import pretrain
+from gpt1_jax.pretraining.zeroshot_probes import run_probe
+from gpt1_jax.text.tokenizer import GPT1Tokenizer
+from gpt1_jax.training import checkpoint
+from gpt1_jax.training.run_log import read_metrics
+from gpt1_jax.weights.weight_formats import model_from_params
 from pretrain_helpers import tiny_config
 
 

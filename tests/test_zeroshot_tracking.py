@@ -6,11 +6,13 @@ training (`pretrain.zeroshot_tracker`), the tracker's `due` schedule.
 
 import pytest
 
-from configs import tiny_pretrain
-from gpt1_jax import pretrain, run_options, tasks
+from gpt1_jax import run_options
 from gpt1_jax.config_check import ConfigError
-from gpt1_jax.data.task_inputs import read_split
-from gpt1_jax.tokenizer import GPT1Tokenizer
+from gpt1_jax.configs import tiny_pretrain
+from gpt1_jax.finetuning import tasks
+from gpt1_jax.finetuning.task_inputs import read_split
+from gpt1_jax.pretraining import pretrain
+from gpt1_jax.text.tokenizer import GPT1Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ class FitSearch:
 @contextlib.contextmanager
 def _only_our_progress() -> Iterator[None]:
     """Keeps each candidate to its one line: the config checks and checkpoint reads it repeats say nothing new."""
-    quiet = [logging.getLogger(name) for name in ("absl", "gpt1_jax.finetune", "gpt1_jax.aot.steps")]
+    quiet = [logging.getLogger(name) for name in ("absl", "gpt1_jax.finetuning.finetune", "gpt1_jax.aot.steps")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.ERROR)

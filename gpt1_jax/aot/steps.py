@@ -22,10 +22,13 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from gpt1_jax import config_check, finetune, finetune_start, optim, pretrain, run_options, sharding
+from gpt1_jax import config_check, run_options
 from gpt1_jax.aot import measure, slices
 from gpt1_jax.aot.measure import BATCH, PARAMETERS, Step, StepReport
-from gpt1_jax.model import GPT1Config
+from gpt1_jax.finetuning import finetune, finetune_start
+from gpt1_jax.model.transformer import GPT1Config
+from gpt1_jax.pretraining import pretrain
+from gpt1_jax.training import optim, sharding
 
 log = logging.getLogger(__name__)
 

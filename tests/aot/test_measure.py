@@ -5,11 +5,14 @@ code would see it on a TPU VM: the recipes' compile functions are given its chip
 import jax
 import pytest
 
-from configs import finetune as finetune_recipe
-from configs import tiny_pretrain
-from gpt1_jax import finetune, optim, pretrain, run_options
+from gpt1_jax import run_options
 from gpt1_jax.aot import measure, slices
-from gpt1_jax.data.lm_pipeline import LMData
+from gpt1_jax.configs import finetune as finetune_recipe
+from gpt1_jax.configs import tiny_pretrain
+from gpt1_jax.finetuning import finetune
+from gpt1_jax.pretraining import pretrain
+from gpt1_jax.pretraining.lm_pipeline import LMData
+from gpt1_jax.training import optim
 from pretrain_helpers import assert_trees_equal, final_params, losses, tiny_config
 
 

@@ -5,12 +5,13 @@ import re
 import jax
 import pytest
 
-from configs import finetune as finetune_recipe
-from configs import gpt1_pretrain, tiny_pretrain
-from gpt1_jax import finetune_start, pretrain
 from gpt1_jax.aot import steps
 from gpt1_jax.aot.slices import GiB
+from gpt1_jax.configs import finetune as finetune_recipe
+from gpt1_jax.configs import gpt1_pretrain, tiny_pretrain
 from gpt1_jax.constants import N_SPECIAL
+from gpt1_jax.finetuning import finetune_start
+from gpt1_jax.pretraining import pretrain
 
 
 def paper_pretraining():

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt1_jax import model as model_lib
 from gpt1_jax.kernels import attention, attention_gpu, attention_tpu, masks
-from gpt1_jax.model import GPT1, GPT1Config
-from gpt1_jax.weight_formats import model_from_params, params_of
+from gpt1_jax.model import transformer as model_lib
+from gpt1_jax.model.transformer import GPT1, GPT1Config
+from gpt1_jax.weights.weight_formats import model_from_params, params_of
 
 
 def qkv(batch: int, heads: int, seq: int, head_dim: int = 64, seed: int = 0):
@@ -177,7 +177,7 @@ EIGHT_DEVICES = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gpt1_jax.kernels import attention
-from gpt1_jax.sharding import DATA_AXES
+from gpt1_jax.training.sharding import DATA_AXES
 
 mesh = Mesh(np.array(jax.devices()).reshape(4, 2), DATA_AXES)
 q, k, v = (jax.random.normal(jax.random.key(i), (8, 128, 2, 64)) for i in range(3))  # [batch, seq, heads, dim]

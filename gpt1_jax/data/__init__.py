@@ -1,1 +1,0 @@
-"""Input pipelines: text sources, the token cache and LM windows for pre-training, task readers."""
