@@ -36,11 +36,23 @@ def _interval(low: float, high: float, *, low_open: bool = False, high_open: boo
     return test, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
+def _seed(bits: int):
+    """(test, wording) of a seed: an integer in [0, 2**bits - 1].
+
+    NumPy's generators refuse a negative seed (`default_rng`, `SeedSequence`: the batches, the epochs' order),
+    `RandomState` one of 2**32 or more (Story Cloze's held-out draw), and `jax.random.key` one past int64. A
+    negative `seed` used to fail with NumPy's traceback when the first batch was drawn, after config.json was
+    written and the step compiled.
+    """
+    return (lambda value: 0 <= value < 2**bits), f"an integer in [0, 2**{bits} - 1]"
+
+
 AT_LEAST_1, AT_LEAST_0 = _interval(1, math.inf), _interval(0, math.inf)
 POSITIVE, PROBABILITY = _interval(0, math.inf, low_open=True), _interval(0, 1, high_open=True)
-# The valid values of every numeric key that has a range; keys a recipe lacks (finetune.* when
-# pre-training) are skipped. Walked by `check_ranges` before anything compiles.
+# The valid values of every numeric key that has a range, as "section.key" or a top-level "key"; keys a
+# recipe lacks (finetune.* when pre-training) are skipped. Walked by `check_ranges` before anything compiles.
 RANGES = {
+    "seed": _seed(63), "finetune.heldout_seed": _seed(32),
     "optimizer.lr": POSITIVE, "optimizer.eps": POSITIVE, "optimizer.b1": PROBABILITY, "optimizer.b2": PROBABILITY,
     "optimizer.weight_decay": AT_LEAST_0, "optimizer.grad_clip_norm": AT_LEAST_0,
     "optimizer.warmup_steps": AT_LEAST_0, "optimizer.warmup_fraction": _interval(0, 1),
@@ -59,11 +71,12 @@ RANGES = {
 def check_ranges(config: ConfigDict) -> None:
     """Every key of `RANGES` the config has lies in its range, or a ConfigError names the key and the range."""
     for key, (test, wording) in RANGES.items():
-        section, name = key.split(".")
-        if section not in config or name not in config[section]:
+        section, _, name = key.rpartition(".")
+        values = config.get(section, {}) if section else config
+        if name not in values:
             continue
-        value = config[section][name]
-        if not test(float(value)):
+        value = values[name]
+        if not test(value):
             raise ConfigError(f"{key}={value} is out of range: it must be {wording}.")
 
 

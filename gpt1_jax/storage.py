@@ -39,6 +39,30 @@ def path(location: str | os.PathLike) -> epath.Path:
     return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(location))))
 
 
+def user_cache_dir(name: str) -> str:
+    """`$XDG_CACHE_HOME/gpt1_jax/<name>`, else `$HOME/.cache/gpt1_jax/<name>`: where a cache goes by default
+    (`name`: "vocab" for downloaded vocabulary files, "token_cache" for tokenized corpora)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gpt1_jax", name)
+
+
+def make_local_dir(folder: str | os.PathLike, what: str, instead: str) -> None:
+    """Create the local `folder` (and its parents) for `what`, or a StorageError: one line naming it, why, and
+    what to set `instead`.
+
+    The default caches lie under $HOME (`user_cache_dir`), which a batch job, a container or a sandbox may
+    set to a path nobody can write (`/proc`, `/nonexistent`); os.makedirs then raised a bare
+    FileNotFoundError from deep inside the data pipeline.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        why = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else f"{type(err).__name__}: {err}"
+        raise StorageError(f"Cannot create the {what} {folder} ({why}); {instead}.") from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StorageError(f"Cannot write the {what} {folder} (permission denied); {instead}.")
+
+
 def write_whole(target: epath.Path, data: str | bytes) -> None:
     """Write `target` so no reader ever sees part of `data`: one upload on a bucket, a renamed temporary file locally.
 

@@ -6,6 +6,7 @@ The end-to-end behaviour (resuming a run, kills at any moment, a full disk) is t
 tests/test_pretrain.py and tests/test_reliability.py; these are the checkpointer's own, in seconds.
 """
 
+import importlib
 import logging
 import os
 import shutil
@@ -19,7 +20,8 @@ import pytest
 from absl import logging as absl_logging
 from flax import nnx
 
-from gpt1_jax.finetuning import tasks
+from gpt1_jax.configs import finetune
+from gpt1_jax.finetuning import finetune_start, tasks
 from gpt1_jax.model.heads import TaskModel
 from gpt1_jax.model.transformer import GPT1, GPT1Config
 from gpt1_jax.training import checkpoint
@@ -105,7 +107,7 @@ def test_keep_bounds_the_steps_and_asynchronous_saves_are_readable_after_wait(tm
 
 
 def test_load_pretrained_errors_say_what_is_wrong(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="does not exist.*config key: init"):
+    with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"missing: does not exist\. Give a run's checkpoints"):
         checkpoint.load_pretrained(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
@@ -244,6 +246,31 @@ def test_metadata_that_disagrees_with_the_arrays_is_refused_naming_the_key(tmp_p
         checkpoint.load_pretrained(tmp_path)
 
 
+def remove_ln_1_bias(params: dict) -> None:
+    del params["blocks"]["ln_1"]["bias"]
+
+
+def add_a_gate(params: dict) -> None:
+    params["blocks"]["attn"]["gate"] = np.zeros((SMALL.n_layer, SMALL.width), np.float32)
+
+
+@pytest.mark.parametrize("edit, difference", [
+    pytest.param(remove_ln_1_bias, r"1 parameter missing: 'blocks/ln_1/bias'", id="removed"),
+    pytest.param(add_a_gate, r"1 parameter unused \(the model has no place for them\): 'blocks/attn/gate'", id="added"),
+])
+def test_a_checkpoint_with_a_leaf_removed_or_added_is_refused_naming_it(tmp_path, edit, difference):
+    """Every leaf of a step's params must be one of the model its metadata records, and none may lack."""
+    params = nnx.to_pure_dict(nnx.state(GPT1(SMALL, rngs=nnx.Rngs(0)), nnx.Param))
+    edit(params)
+    saver = checkpoint.TrainCheckpointer(tmp_path, keep=1, async_save=False)
+    saver.save(3, params, {"step": np.int32(3)}, {"model_config": SMALL.to_dict(), "kind": "pretrain"})
+    saver.close()
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 3 in \S+: its params do not fit the model its "
+                                                         rf"metadata's model_config describes \(.*\): {difference}\. "
+                                                         r"Use another step"):
+        checkpoint.load_pretrained(tmp_path)
+
+
 def test_a_fine_tuning_checkpoint_gives_its_backbone_where_a_pre_trained_one_is_expected(tmp_path, caplog):
     """Fine-tuning saves a TaskModel, {"backbone", "head"}: generate, convert and fine-tuning's init read the
     backbone, where they failed with `key in pure_dict not available in state: ('backbone', ...)`."""
@@ -261,3 +288,65 @@ def test_a_fine_tuning_checkpoint_gives_its_backbone_where_a_pre_trained_one_is_
     assert "fine-tuning checkpoint" in caplog.text and "dropping its task head" in caplog.text
     model = weight_formats.model_from_params(config, loaded)  # what generate and convert build from it
     assert model(np.zeros((1, 4), np.int32)).shape == (1, 4, SMALL.width)
+
+
+def test_loading_the_read_only_shipped_mini_logs_no_orbax_read_only_warning(caplog):
+    """Orbax warned "setting save_interval_steps=0" and "Given directory is read only" for each read-only manager:
+    twice each on every command that loaded `mini`. The notice is dropped during the load alone."""
+    with caplog.at_level(logging.WARNING):
+        checkpoint.load_pretrained("mini")
+        checkpoint.read_metadata("mini")
+        absl_logging.warning("Given directory is read only=%s", "a folder opened outside a load")
+    assert [record.getMessage() for record in caplog.records] == [
+        "Given directory is read only=a folder opened outside a load"]
+
+
+def save_two_steps(directory) -> dict[int, dict]:
+    """Steps 1 and 2 of a SMALL model in `directory`, with different parameters; {step: params}."""
+    saver = checkpoint.TrainCheckpointer(directory, keep=5, async_save=False)
+    saved = {}
+    for step in (1, 2):
+        saved[step] = nnx.to_pure_dict(nnx.state(GPT1(SMALL, rngs=nnx.Rngs(step)), nnx.Param))
+        saver.save(step, saved[step], {"step": np.int32(step)}, {"model_config": SMALL.to_dict(), "step": step})
+    saver.close()
+    return saved
+
+
+def test_a_step_folder_loads_that_step_and_a_workdir_names_its_checkpoints_folder(tmp_path):
+    """Both said "no complete checkpoint found (config key: init)", printed twice."""
+    saved = save_two_steps(tmp_path / "run" / "checkpoints")
+    _, params, metadata = checkpoint.load_pretrained(tmp_path / "run" / "checkpoints" / "1")
+    jax.tree.map(np.testing.assert_array_equal, params, saved[1])
+    assert metadata["step"] == 1 and checkpoint.read_metadata(tmp_path / "run" / "checkpoints" / "1")["step"] == 1
+    assert checkpoint.read_model_config(tmp_path / "run" / "checkpoints" / "2") == SMALL
+    with pytest.raises(checkpoint.CheckpointNotFoundError) as error:
+        checkpoint.load_pretrained(tmp_path / "run")
+    assert str(error.value) == f"Checkpoint {tmp_path / 'run'}: is a workdir: give {tmp_path / 'run' / 'checkpoints'}."
+    (tmp_path / "run" / "best").mkdir()  # a fine-tuning workdir's best parameters
+    with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"is a workdir: give \S+/run/checkpoints \(its latest "
+                                                                 r"step\), or \S+/run/best \(its best\)\.$"):
+        checkpoint.read_metadata(tmp_path / "run")
+
+
+@pytest.mark.parametrize("tool, flag", [("generate", "--checkpoint"), ("zeroshot", "--checkpoint"),
+                                        ("evaluate", "--checkpoint"), ("convert", "--orbax_in"),
+                                        ("finetune", "--config.init")])
+def test_checkpoint_errors_name_the_flag_of_the_tool_that_was_used(tmp_path, capsys, tool, flag):
+    """`generate --checkpoint <fine-tuned workdir>` named the config key `init`, which generate does not have."""
+    save_two_steps(tmp_path / "run" / "checkpoints")
+    expected = f"{flag}={tmp_path / 'run'}: is a workdir: give {tmp_path / 'run' / 'checkpoints'}."
+    if tool == "finetune":
+        config = finetune.get_config("tiny")
+        config.init = str(tmp_path / "run")
+        for read in (finetune_start.init_model_config, finetune_start.load_init):
+            with pytest.raises(checkpoint.CheckpointNotFoundError) as error:
+                read(config)
+            assert str(error.value) == expected
+        return
+    argv = {"generate": ["--prompt", "hi"], "zeroshot": ["--task", "sst2"], "evaluate": ["--data", "files:*.txt"],
+            "convert": ["--hf_out", str(tmp_path / "out")]}[tool]
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"gpt1_jax.{tool}").main([flag, str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("is a workdir") == 1 and "init" not in err
+    assert err.strip().splitlines()[-1] == f"error: {expected}"

@@ -122,7 +122,31 @@ def test_the_range_table_only_names_keys_the_recipes_have():
     for config in (tiny_pretrain.get_config(), finetune.get_config("tiny")):
         keys |= {f"{section}.{name}" for section, values in config.items() if isinstance(values, ConfigDict)
                  for name in values}
+        keys |= {name for name, value in config.items() if not isinstance(value, ConfigDict)}
     assert set(RANGES) <= keys
+
+
+SEED_WORDING = {"seed": "an integer in [0, 2**63 - 1]", "finetune.heldout_seed": "an integer in [0, 2**32 - 1]"}
+
+
+@pytest.mark.parametrize("recipe, key, value", [
+    *[(recipe, "seed", value) for recipe in sorted(RECIPES) for value in (-1, 2**63)],
+    ("finetune", "finetune.heldout_seed", -3), ("finetune:tiny", "finetune.heldout_seed", 2**32),
+])
+def test_a_negative_or_too_large_seed_is_refused_before_anything_compiles(recipe, key, value):
+    """A negative seed compiled the step and wrote config.json, then failed 17 s later with NumPy's traceback
+    (`default_rng` needs a non-negative seed); every seed-like key is checked with the other ranges."""
+    config = RECIPES[recipe]()
+    section, _, name = key.rpartition(".")
+    values = config[section] if section else config
+    values[name] = value
+    message = rf"^{re.escape(key)}={value} is out of range: it must be {re.escape(SEED_WORDING[key])}\.$"
+    with pytest.raises(ConfigError, match=message):
+        check_common(config)
+    values[name] = 2**32 - 1  # the largest seed both accept
+    check_common(config)
+    (config[section] if section else config)[name] = 2**32 - 1  # the largest seed both accept
+    check_common(config)
 
 
 def test_the_config_checker_imports_neither_the_model_nor_the_zero_shot_code():

@@ -19,6 +19,7 @@ from gpt1_jax.model.transformer import GPT1, GPT1Config
 from gpt1_jax.training import checkpoint
 from gpt1_jax.weights.weight_formats import (
     DEFAULT_N_HEAD,
+    HF_PREFIX,
     WeightFormatError,
     load_hf,
     load_openai_original,
@@ -186,6 +187,30 @@ def test_missing_shard_names_the_file(tmp_path):
         load_openai_original(tmp_path, n_head=4)
 
 
+def test_an_extra_shard_in_a_release_folder_is_named_as_unused(tmp_path):
+    """The reader took params_0..9.npy and ignored any other shard beside them."""
+    write_original_release(tmp_path, SMALL_HF)
+    np.save(tmp_path / "params_10.npy", np.zeros(100, np.float32))
+    with pytest.raises(WeightFormatError, match=rf"{re.escape(str(tmp_path))}: 1 shard unused .*'params_10\.npy'\. "
+                                                r"The release has 10 shards params_0\.npy\.\.params_9\.npy"):
+        load_openai_original(tmp_path, n_head=4)
+
+
+@pytest.mark.parametrize("n_layer, difference", [
+    pytest.param(2, r"12 tensors unused \(the model has no place for them\): 'h\.2\.attn\.c_attn\.bias', "
+                 r".* and 7 more tensors", id="fewer-layers"),
+    pytest.param(4, r"12 tensors missing: 'h\.3\.attn\.c_attn\.bias', .* and 7 more tensors", id="more-layers"),
+])
+def test_a_config_with_another_layer_count_than_the_release_names_the_arrays_it_leaves_out(tmp_path, n_layer,
+                                                                                           difference):
+    write_original_release(tmp_path, SMALL_HF)  # 3 layers
+    config = GPT1Config(vocab_size=500, n_ctx=64, width=64, n_head=4, n_layer=n_layer, mlp_width=256)
+    with pytest.raises(WeightFormatError, match=rf"params_shapes\.json and its shards\): {difference}\. The model "
+                                                rf"config given \({n_layer} layers\) must describe the release "
+                                                r"\(3 layers"):
+        load_openai_original(tmp_path, config=config)
+
+
 def _set_entry(index: int, shape):
     def edit(shapes: list) -> None:
         shapes[index] = shape
@@ -226,13 +251,67 @@ def test_shards_of_the_wrong_total_size_name_the_files_and_both_sizes(tmp_path):
         load_openai_original(tmp_path, n_head=4)
 
 
-def test_wrong_shape_names_the_tensor_and_both_shapes(tmp_path):
+def test_transformers_save_pretrained_writes_only_the_parameters(tmp_path):
+    """What transformers 5 writes for OpenAIGPTLMHeadModel: the parameters of its `transformer`, no tied
+    lm_head.weight and no buffers (older versions wrote both; the reader accepts them: HF_CONSTANT_BUFFERS)."""
     random_hf_model(SMALL_HF).save_pretrained(tmp_path)
+    from safetensors.numpy import load_file
+
+    assert set(load_file(str(tmp_path / "model.safetensors"))) == {HF_PREFIX + name for name in original_names(3)}
+
+
+def edit_safetensors(folder, edit) -> None:
+    """Rewrite `folder`'s model.safetensors with `edit` applied to its {name: array}."""
     from safetensors.numpy import load_file, save_file
 
-    tensors = load_file(str(tmp_path / "model.safetensors"))
-    tensors["transformer.h.1.mlp.c_fc.weight"] = tensors["transformer.h.1.mlp.c_fc.weight"][:, :100].copy()
-    save_file(tensors, str(tmp_path / "model.safetensors"))
+    tensors = load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+def test_a_config_json_with_fewer_layers_than_the_weights_is_refused_naming_the_unused_layer(tmp_path, capsys):
+    """config.json saying n_layer=3 over 4 layers of weights converted into a 3-layer checkpoint without h.3.*."""
+    random_hf_model(dict(SMALL_HF, n_layer=4)).save_pretrained(tmp_path / "hf")
+    config_file = tmp_path / "hf" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "n_layer": 3}))
+    with pytest.raises(SystemExit) as exit_:
+        convert.main(["--hf", str(tmp_path / "hf"), "--orbax", str(tmp_path / "ckpt")])
+    assert exit_.value.code == 2 and not (tmp_path / "ckpt").exists()
+    assert re.search(r"error: \S+/hf/model\.safetensors: 12 tensors unused \(the model has no place for them\): "
+                     r"'h\.3\.attn\.c_attn\.bias', .* and 7 more tensors\. Its config\.json \(n_layer=3, n_embd=64\) "
+                     r"must describe these weights: fix config\.json, or use the folder", capsys.readouterr().err)
+
+
+def test_a_tensor_deleted_from_the_safetensors_file_is_named_as_missing(tmp_path):
+    random_hf_model(SMALL_HF).save_pretrained(tmp_path)
+    edit_safetensors(tmp_path, lambda tensors: tensors.pop("transformer.h.1.ln_2.bias"))
+    with pytest.raises(WeightFormatError, match=r"model\.safetensors: 1 tensor missing: 'h\.1\.ln_2\.bias'\."):
+        load_hf(tmp_path)
+
+
+def add_older_transformers_extras(tensors: dict) -> None:
+    """What older transformers versions saved besides the parameters: the tied output layer and the buffers."""
+    n_ctx = SMALL_HF["n_positions"]
+    tensors["lm_head.weight"] = tensors["transformer.tokens_embed.weight"].copy()
+    tensors["transformer.position_ids"] = np.arange(n_ctx)
+    for i in range(SMALL_HF["n_layer"]):
+        tensors[f"transformer.h.{i}.attn.bias"] = np.tril(np.ones((n_ctx, n_ctx), np.float32))[None, None]
+
+
+def test_the_extras_older_transformers_saved_are_accepted_but_an_untied_output_layer_is_not(tmp_path):
+    random_hf_model(SMALL_HF).save_pretrained(tmp_path)
+    _, expected = load_hf(tmp_path)
+    edit_safetensors(tmp_path, add_older_transformers_extras)
+    jax.tree.map(np.testing.assert_array_equal, load_hf(tmp_path)[1], expected)
+    edit_safetensors(tmp_path, lambda tensors: tensors.update({"lm_head.weight": tensors["lm_head.weight"] + 1}))
+    with pytest.raises(WeightFormatError, match=r"model\.safetensors: 1 tensor unused .*: 'lm_head\.weight'\."):
+        load_hf(tmp_path)
+
+
+def test_wrong_shape_names_the_tensor_and_both_shapes(tmp_path):
+    random_hf_model(SMALL_HF).save_pretrained(tmp_path)
+    name = "transformer.h.1.mlp.c_fc.weight"
+    edit_safetensors(tmp_path, lambda tensors: tensors.update({name: tensors[name][:, :100].copy()}))
     with pytest.raises(WeightFormatError, match=r"h\.1\.mlp\.c_fc\.weight.*\(64, 100\).*\(64, 256\)"):
         load_hf(tmp_path)
 
@@ -258,12 +337,12 @@ def test_a_relative_checkpoint_path_loads(tmp_path, monkeypatch):
 def save_hf_with_nonfinite(folder) -> None:
     """A transformers folder whose h.1.mlp.c_fc.weight holds 2 NaN and 1 inf."""
     random_hf_model(SMALL_HF).save_pretrained(folder)
-    from safetensors.numpy import load_file, save_file
 
-    tensors = load_file(str(folder / "model.safetensors"))
-    bad = tensors["transformer.h.1.mlp.c_fc.weight"]
-    bad[0, :2], bad[3, 5] = np.nan, -np.inf
-    save_file(tensors, str(folder / "model.safetensors"))
+    def spoil(tensors: dict) -> None:
+        bad = tensors["transformer.h.1.mlp.c_fc.weight"]
+        bad[0, :2], bad[3, 5] = np.nan, -np.inf
+
+    edit_safetensors(folder, spoil)
 
 
 NONFINITE_C_FC = r"non-finite weights in 'h\.1\.mlp\.c_fc\.weight' \(2 NaN, 1 inf of 16384\)"

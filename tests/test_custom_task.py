@@ -288,3 +288,55 @@ def test_any_tfds_dataset_by_name_with_the_same_column_keys(tmp_path):
         train_examples, evals = task_inputs.train_and_evals(spec, run_options.task_data_options(config))
     assert spec.label_names == ("negative", "positive") and spec.name == custom_task.NAME
     assert len(train_examples) == 6 and len(evals["validation"]) == 6
+
+
+def write_table(path: pathlib.Path, header: list[str], rows) -> pathlib.Path:
+    """`rows` in the format `path`'s suffix names, JSON values as they are (a number stays a JSON number)."""
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, [dict(zip(header, row)) for row in rows])
+    if path.suffix == ".csv":
+        return write_csv(path, header, rows)
+    return write_tsv(path, header, [[str(value) for value in row] for row in rows])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_labels_that_differ_only_in_surrounding_whitespace_are_one_class_and_a_blank_label_is_a_bad_row(
+        tmp_path, suffix):
+    rows = [("good film", "pos "), ("great film", "pos"), ("bad film", " neg"), ("dull film", "neg")]
+    train_file = write_table(tmp_path / f"train{suffix}", ["text", "label"], rows)
+    settings = dict(kind="classification", validation=str(train_file), text_a="text", label="label")
+    config = custom_config(tmp_path, train=str(train_file), **settings)
+    train_examples, _ = load(config)
+    assert config.custom.labels == "neg,pos" and [e.label for e in train_examples] == [1, 1, 0, 0]
+    blank = write_table(tmp_path / f"blank{suffix}", ["text", "label"], [*rows, ("odd film", "  ")])
+    with pytest.raises(DataError, match=rf"blank{suffix}:\d: field 'label' is empty.*custom.on_error"):
+        load(custom_config(tmp_path, train=str(blank), **settings))
+    config = custom_config(tmp_path, train=str(blank), on_error="skip", **settings)
+    train_examples, _ = load(config)
+    assert config.custom.labels == "neg,pos" and len(train_examples) == 4
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_numeric_labels_written_two_ways_are_one_class_named_plainly(tmp_path, suffix):
+    rows = [("good", 1), ("great", 1.0), ("fine", "1"), ("bad", 0), ("awful", 0.0), ("dull", " 0 ")]
+    train_file = write_table(tmp_path / f"train{suffix}", ["text", "label"], rows)
+    settings = dict(kind="classification", train=str(train_file), validation=str(train_file), text_a="text",
+                    label="label")
+    config = custom_config(tmp_path, **settings)
+    train_examples, _ = load(config)
+    assert config.custom.labels == "0,1" and [e.label for e in train_examples] == [1, 1, 1, 0, 0, 0]
+    config = custom_config(tmp_path, labels="0.0,1.00", **settings)  # given labels compare by value as well
+    train_examples, _ = load(config)
+    assert config.custom.labels == "0,1" and [e.label for e in train_examples] == [1, 1, 1, 0, 0, 0]
+    with pytest.raises(ConfigError, match=r"custom\.labels='0,1,1\.0' names the class\(es\) \['1'\] more than once"):
+        load(custom_config(tmp_path, labels="0,1,1.0", **settings))
+
+
+def test_a_multiple_choice_answer_index_may_be_written_as_a_float(tmp_path):
+    records = [{"story": f"day {i} .", "e1": "home", "e2": "moon", "e3": "sea", "answer": answer}
+               for i, answer in enumerate([0, 1.0, "2.0", " moon "])]
+    train_file = write_jsonl(tmp_path / "train.jsonl", records)
+    config = custom_config(tmp_path, kind="multiple_choice", train=str(train_file), validation=str(train_file),
+                           text_a="story", choices="e1,e2,e3", label="answer")
+    train_examples, _ = load(config)
+    assert [e.label for e in train_examples] == [0, 1, 2, 1]

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,8 +16,9 @@ import pytest
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.configs import finetune as finetune_recipe
 from gpt1_jax.constants import SHAPE_KEYS
-from gpt1_jax.finetuning import finetune, finetune_start, task_inputs, tasks
+from gpt1_jax.finetuning import finetune, finetune_results, finetune_start, task_inputs, tasks
 from gpt1_jax.training import checkpoint
+from gpt1_jax.training.preemption import Interrupted
 from gpt1_jax.training.run_log import read_metrics
 from gpt1_jax.weights import weight_formats
 from pretrain_helpers import RECIPES, REPO, losses, wait_for_step
@@ -179,6 +181,113 @@ def test_resumed_run_writes_results_and_glue_predictions(pretrained, tmp_path, d
     data_file.write_bytes(bytes(data))
     with pytest.raises(checkpoint.CheckpointError, match=r"The best checkpoint in .*best is unusable"):
         finetune.finetune(config, str(tmp_path))
+
+
+def scripted_dev_scores(monkeypatch, accuracies: list[float]) -> None:
+    """Dev accuracy of the successive evaluations, in order, so which step is best is known in advance."""
+    remaining = iter(accuracies)
+    monkeypatch.setattr(finetune, "evaluate_splits",
+                        lambda *args: {"validation": {"accuracy": next(remaining)}})
+
+
+def three_epochs_stopped_after_two(workdir: pathlib.Path, keep: int):
+    """Scratch, 64 examples (4 updates an epoch), evaluated at updates 4, 8 and 12; paused at 8, best/ deleted."""
+    config = tiny_config(max_train_examples=64, epochs=3, eval_at="")
+    config.checkpoint.keep = keep
+    config.train.stop_at = 8
+    assert finetune.finetune(config, str(workdir)) == {"stopped_at": 8}
+    assert checkpoint.latest_step(workdir / "best") == 4  # 0.9 at update 4 beats 0.5 at update 8
+    shutil.rmtree(workdir / "best")
+    config.train.stop_at = 0
+    return config
+
+
+@pytest.mark.slow
+def test_a_deleted_best_folder_is_rebuilt_from_checkpoints_on_resume_and_after_the_run(
+        tmp_path, data_root, monkeypatch, caplog):
+    monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
+    scripted_dev_scores(monkeypatch, [0.9, 0.5, 0.7])
+    config = three_epochs_stopped_after_two(tmp_path, keep=5)
+    with caplog.at_level("WARNING"):
+        results = finetune.finetune(config, str(tmp_path))
+    assert "was missing: rebuilt it from" in caplog.text
+    assert results["best_step"] == 4 and results["dev"] == {"validation": {"accuracy": 0.9}}  # not update 12's 0.7
+    assert "lost_best" not in results and checkpoint.latest_step(tmp_path / "best") == 4
+    # The finished run rerun after best/ is gone again: rebuilt again, its predictions written again.
+    shutil.rmtree(tmp_path / "best")
+    (tmp_path / "results.json").unlink()
+    assert finetune.finetune(config, str(tmp_path))["best_step"] == 4
+    assert json.loads((tmp_path / "results.json").read_text())["best_step"] == 4
+
+
+@pytest.mark.slow
+def test_a_best_step_gone_from_both_folders_is_reported_as_lost_never_replaced_silently(
+        tmp_path, data_root, monkeypatch, caplog):
+    monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
+    scripted_dev_scores(monkeypatch, [0.9, 0.5, 0.7])
+    config = three_epochs_stopped_after_two(tmp_path, keep=1)  # checkpoints/ holds update 8 only
+    with caplog.at_level("WARNING"):
+        results = finetune.finetune(config, str(tmp_path))
+    assert "step 4, the best so far (dev accuracy 0.9000), is no longer in" in caplog.text
+    assert results["best_step"] == 12 and results["lost_best"]["step"] == 4  # the best of what is left, said so
+    shutil.rmtree(tmp_path / "best")  # update 12 is still in checkpoints/: rebuilt, and the loss still said
+    assert finetune.finetune(config, str(tmp_path))["lost_best"]["step"] == 4
+
+
+@pytest.mark.slow
+def test_a_finished_run_whose_best_is_gone_everywhere_says_so_instead_of_predicting(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
+    scripted_dev_scores(monkeypatch, [0.9, 0.5, 0.7])
+    config = tiny_config(max_train_examples=64, epochs=3, eval_at="")
+    config.checkpoint.keep = 1
+    assert finetune.finetune(config, str(tmp_path))["best_step"] == 4
+    shutil.rmtree(tmp_path / "best")  # and checkpoints/ holds update 12 only
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"best holds no best checkpoint.*The best \(step 4\) was lost with it"):
+        finetune.finetune(config, str(tmp_path))
+
+
+def sigterm_in_predictions(monkeypatch, calls_to_stop: set[int]) -> None:
+    """A SIGTERM before the second batch of the n-th call of `finetune_results.predict` (dev scores, then the test
+    predictions), for each n in `calls_to_stop`, as a preemption notice arriving mid-way would."""
+    predict, calls = finetune_results.predict, []
+
+    def signalled(eval_step, params, arrays, batch_size, mesh, check_stop):
+        calls.append(len(calls) + 1)
+        batches = []
+
+        def check():
+            batches.append(1)
+            if len(batches) == 2 and calls[-1] in calls_to_stop:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled at once by the StopRequest in force
+            check_stop()
+
+        return predict(eval_step, params, arrays, batch_size, mesh, check)
+
+    monkeypatch.setattr(finetune_results, "predict", signalled)
+
+
+@pytest.mark.slow
+def test_a_sigterm_during_the_dev_evaluation_or_the_test_predictions_stops_there_and_the_rerun_redoes_it(
+        tmp_path, data_root, monkeypatch):
+    """Either used to run to its end first (a TPU VM gives 30 s). The dev evaluation ends at its next batch, the
+    step is saved without it and the rerun scores it first; the predictions end with `Interrupted` (train.py: one
+    line, exit 0) and nothing written. The third start's results are the uninterrupted run's."""
+    monkeypatch.setenv("GPT1_JAX_DATA", str(data_root))
+    config = tiny_config(max_train_examples=64, eval_at="")  # 4 updates, scored once, at the end
+    straight = finetune.finetune(config, str(tmp_path / "straight"))
+    workdir = tmp_path / "stopped"
+    sigterm_in_predictions(monkeypatch, {1, 3})  # 1: the dev scores of step 4, 2: redone, 3: the test predictions
+    assert finetune.finetune(config, str(workdir)) == {"stopped_at": 4}
+    assert checkpoint.latest_step(workdir / "best") is None
+    assert not [m for m in read_metrics(workdir) if "val_metric" in m]
+    with pytest.raises(Interrupted, match="SIGTERM while writing the test predictions"):
+        finetune.finetune(config, str(workdir))
+    assert checkpoint.latest_step(workdir / "best") == 4 and not (workdir / "results.json").exists()
+    assert not list(workdir.glob("predictions/*"))
+    assert finetune.finetune(config, str(workdir)) == straight
+    for name in ("results.json", "predictions/SST-2.tsv"):
+        assert (workdir / name).read_text() == (tmp_path / "straight" / name).read_text(), name
 
 
 def launch_two_process_finetuning(workdir: pathlib.Path, data_root: pathlib.Path) -> list[subprocess.Popen]:

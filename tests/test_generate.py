@@ -142,6 +142,21 @@ def test_cli_generates_from_orbax_checkpoint(tmp_path, capsys, data_root):
     assert words[:4] == ["the", "quick", "brown", "fox"] and len(words) >= 5
 
 
+def test_a_prompt_byte_that_is_not_utf8_is_named_in_a_warning(tmp_path, capsys, caplog, data_root):
+    """Python keeps a command-line byte that is not UTF-8 (a Latin-1 terminal's "é", 0xe9) as the surrogate
+    U+DCE9, which the tokenizer silently read as U+FFFD."""
+    cfg = GPT1Config(n_ctx=16, width=8, n_head=2, n_layer=1, mlp_width=16)
+    checkpoint.save_pretrained(tmp_path / "ckpt", GPT1(cfg, rngs=nnx.Rngs(0)))
+    prompt = b"caf\xe9 au lait, cr\xe8me".decode("utf-8", errors="surrogateescape")  # as sys.argv holds it
+    with caplog.at_level(logging.WARNING, logger="gpt1_jax.generate"):
+        main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", prompt, "--max_new_tokens", "2", "--greedy",
+              "--vocab_dir", str(data_root / "gpt1_vocab")])
+    assert [record.getMessage() for record in caplog.records if record.name == "gpt1_jax.generate"] == [
+        "--prompt holds 2 byte(s) that are not UTF-8 (0xe9 at character 3, 0xe8 at character 16, counting from 0), "
+        "each read as U+FFFD; give the prompt in UTF-8 (is the terminal's encoding UTF-8?)."]
+    assert capsys.readouterr().out.startswith("caf \N{REPLACEMENT CHARACTER} au lait")
+
+
 def test_a_fine_tuned_backbone_generates_text_tokens_only(tmp_path):
     """A fine-tuning checkpoint's backbone has 3 special-token rows the tokenizer cannot write: dropped."""
     from gpt1_jax.finetuning import tasks

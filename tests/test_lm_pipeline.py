@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from gpt1_jax import storage
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.pretraining import lm_batches, lm_pipeline, pretrain
 from gpt1_jax.pretraining.lm_pipeline import LMData
@@ -97,3 +98,25 @@ def test_unsharded_processes_take_slices_that_tile_the_one_process_batch(token_c
     for k, batch in enumerate(whole.validation):
         np.testing.assert_array_equal(np.concatenate([p.validation[k].tokens for p in parts]), batch.tokens)
         np.testing.assert_array_equal(np.concatenate([p.validation[k].weights for p in parts]), batch.weights)
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_a_home_that_cannot_be_written_is_one_error_naming_the_cache_folder_and_data_cache_dir(tmp_path, monkeypatch,
+                                                                                             bucket):
+    """HOME=/proc (a sandbox, a batch job) gave a bare FileNotFoundError traceback from the default token cache.
+
+    With a bucket cache the local copy still goes under HOME, so that error names XDG_CACHE_HOME instead.
+    """
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("HOME", str(tmp_path / "a_file" / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    folder = tmp_path / "a_file" / "home" / ".cache" / "gpt1_jax" / "token_cache"
+    assert lm_pipeline.default_cache_dir() == str(folder)
+    config = tiny_config("gs://some-bucket/token_cache" if bucket else "")
+    with pytest.raises(storage.StorageError) as error:
+        pretrain.lm_data(config)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"Cannot create the {'local ' * bucket}token cache folder {folder} "
+                              f"(Not a directory: {tmp_path / 'a_file' / 'home'}); ")
+    assert ("set XDG_CACHE_HOME to a folder you can write" if bucket else "set data.cache_dir to a folder") in message

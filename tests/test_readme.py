@@ -2,6 +2,8 @@
 
 import pathlib
 import re
+import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -11,6 +13,12 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert len(readme_commands) == 2, "the README opens with two commands: main job, then tests"
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert readme_commands[1] in ci_lines
+
+
+def test_the_tree_is_lint_clean():
+    """The linter of pyproject.toml's [tool.ruff], inside the suite, so the README's test command checks it too."""
+    lint = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
 def test_every_test_docs_reliability_names_exists():

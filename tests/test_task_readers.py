@@ -4,6 +4,7 @@ input (a DataError naming the file and line, or skipped rows counted), and hosti
 exception, never a hang."""
 
 import collections
+import csv
 import json
 import pathlib
 import tempfile
@@ -222,8 +223,8 @@ def test_labels_and_ids_may_be_numbers_but_not_null_objects_or_lists(tmp_path):
     assert [(e.uid, e.label) for e in result.examples] == [("10", 1)] and result.skipped == 3
     assert "d.jsonl:2: field 'y' is null" in result.problems[0] and "field 'id' is an object" in result.problems[1]
     with pytest.raises(DataError, match=r"d\.jsonl:2: field 'y' is null; it must be a string, a number"):
-        task_readers.column_values(path, "y")  # a custom task's label set never gains the label "None"
-    assert task_readers.column_values(path, "y", on_error="skip") == ["1", "0"]
+        task_readers.label_values(path, "y")  # a custom task's label set never gains the label "None"
+    assert task_readers.label_values(path, "y", on_error="skip") == ["1", "0"]
     scores = _jsonl(tmp_path, [{"t": "a", "s": 4.5}, {"t": "b", "s": 2}])
     assert [e.label for e in read_columns(scores, text_a="t", label="s").examples] == [4.5, 2.0]
 
@@ -233,6 +234,49 @@ def test_a_race_record_with_a_null_id_names_file_and_line(tmp_path):
     path = _jsonl(tmp_path, [record])
     with pytest.raises(DataError, match=r"d\.jsonl:1: field 'id' is null"):
         read_race_jsonl(path)
+
+
+@pytest.mark.parametrize("name, content, header", [
+    ("d.csv", b"text,text,label\na,b,1\n", None),
+    ("d.tsv", b"text\ttext\tlabel\na\tb\t1\n", None),
+    ("d.tsv", b"a\tb\t1\n", ("text", "text", "label")),
+])
+def test_a_duplicated_column_name_is_refused_naming_the_file_and_the_column(tmp_path, name, content, header):
+    path = _write(tmp_path, name, content)
+    source = "the column names given" if header else "the header line"
+    with pytest.raises(DataError, match=rf"{name}: column name\(s\) \['text'\] occur more than once in {source}"
+                                        r".*rename them"):
+        read_columns(path, text_a="text", label="label", label_names=("1",), header=header)
+
+
+def test_a_json_key_written_twice_is_a_bad_row_naming_file_line_and_key(tmp_path):
+    path = _write(tmp_path, "d.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "text": "c", "label": 1}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field\(s\) \['text'\] occur more than once"):
+        read_columns(path, text_a="text", label="label", label_names=("1",))
+    result = read_columns(path, text_a="text", label="label", label_names=("1",), on_error="skip")
+    assert [e.text_a for e in result.examples] == ["a"] and result.skipped == 1
+
+
+def test_a_csv_field_past_the_csv_modules_limit_is_read_whole_as_the_same_tsv_is(tmp_path):
+    document = "word " * 40_000  # 200,000 characters, past csv's default limit of 131,072
+    limit = csv.field_size_limit()
+    csv_file = _write(tmp_path, "d.csv", f'text,label\n"{document}",1\nshort,0\n'.encode())
+    tsv_file = _write(tmp_path, "d.tsv", f"text\tlabel\n{document}\t1\nshort\t0\n".encode())
+    read = dict(text_a="text", label="label", label_names=("0", "1"))
+    assert read_columns(csv_file, **read).examples == read_columns(tsv_file, **read).examples
+    assert read_columns(csv_file, **read).examples[0].text_a == document
+    assert csv.field_size_limit() == limit  # the process-wide limit is put back
+
+
+def test_empty_text_fields_are_kept_counted_and_the_first_named_in_a_warning(tmp_path, caplog):
+    path = _write(tmp_path, "d.tsv", b"premise\thypothesis\tlabel\na\tb\t1\n\tb\t0\nc\t   \t1\nd\te\t0\n")
+    with caplog.at_level("WARNING"):
+        result = read_columns(path, text_a="premise", text_b="hypothesis", label="label", label_names=("0", "1"))
+    assert len(result) == 4 and result.empty_texts == [f"{path}:3: empty 'premise'", f"{path}:4: empty 'hypothesis'"]
+    assert "2 rows have an empty text field" in caplog.text and f"first: {path}:3: empty 'premise'" in caplog.text
+    records = _jsonl(tmp_path, [{"t": "", "y": 1}, {"t": "x", "y": 0}])
+    empty_in_jsonl = read_columns(records, text_a="t", label="y", label_names=("0", "1")).empty_texts
+    assert empty_in_jsonl == [f"{records}:1: empty 't'"]
 
 
 # ---------------------------------------------------------------- hostile and random files

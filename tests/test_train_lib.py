@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import signal
 
 import jax
 import numpy as np
@@ -55,7 +57,8 @@ def run_recipe(config, workdir, *, evaluate=None, save_due=None):
                 yield data[step]
         return contextlib.nullcontext(stream())
 
-    recipe = train_lib.Recipe(total_steps=STEPS, batches=batches, evaluate=evaluate or (lambda done, state: {}),
+    recipe = train_lib.Recipe(total_steps=STEPS, batches=batches,
+                              evaluate=evaluate or (lambda done, state, check_stop: {}),
                               metadata={"kind": "test"}, save_due=save_due or (lambda done: False))
     with contextlib.closing(checkpoint.TrainCheckpointer(workdir / "checkpoints", keep=5, async_save=False)) as ckpt:
         state, _ = train_lib.restore_or_init(ckpt, compiled, lambda: pretrain.initial_params(model_cfg, 0), optimizer)
@@ -68,7 +71,7 @@ def run_recipe(config, workdir, *, evaluate=None, save_due=None):
 def test_hooks_are_called_and_logged_and_extra_saves_honoured(tmp_path):
     calls = []
 
-    def evaluate(done, state):
+    def evaluate(done, state, check_stop):
         calls.append((done, int(state.step)))
         return {"probe": float(done)} if done % 2 == 0 else {}
 
@@ -98,7 +101,7 @@ def test_the_loop_stays_within_one_update_of_the_device(tmp_path):
     batch = fixed_batches(config, 1)[0]
     compiled = dataclasses.replace(compiled, train_step=recorded_step)
     recipe = train_lib.Recipe(total_steps=12, batches=lambda start: contextlib.nullcontext(iter([batch] * 12)),
-                              evaluate=lambda done, state: {}, metadata={})
+                              evaluate=lambda done, state, check_stop: {}, metadata={})
     with contextlib.closing(checkpoint.TrainCheckpointer(tmp_path / "checkpoints", keep=1, async_save=False)) as ckpt:
         state = train_lib.place_state(pretrain.initial_params(model_cfg, 0), optimizer, compiled)
         with contextlib.closing(RunLog(tmp_path, total_steps=12, initial_step=0, description="test")) as run_log:
@@ -111,6 +114,29 @@ def test_stop_at_saves_pauses_and_the_rerun_takes_the_next_batch(tmp_path):
     assert final["stopped_at"] == 2 and consumed == [0, 1] and saved == [2]
     final, consumed, saved = run_recipe(small_config(), tmp_path)
     assert consumed == [2, 3] and saved == [2, 4] and "stopped_at" not in final
+
+
+def test_a_stop_during_an_evaluation_saves_the_step_and_the_rerun_evaluates_it_first(tmp_path):
+    """A SIGTERM in the middle of an evaluation ends it at its next batch (`check_stop`), not at its end: the
+    step is saved without it, and the rerun does it before its first update, so the log is the same."""
+    calls, signalled = [], []
+
+    def evaluate(done, state, check_stop):
+        batches = 3 if done % 2 == 0 else 0
+        for batch in range(batches):
+            if done == 2 and batch == 1 and not signalled:
+                signalled.append(done)
+                os.kill(os.getpid(), signal.SIGTERM)  # handled at once: the loop's StopRequest sets its flag
+            check_stop()
+        calls.append(done)
+        return {"probe": float(done)} if batches else {}
+
+    final, consumed, saved = run_recipe(small_config(), tmp_path, evaluate=evaluate)
+    assert final["stopped_at"] == 2 and consumed == [0, 1] and saved == [2] and calls == [1]
+    assert "probe" not in final and not [m for m in read_metrics(tmp_path) if "probe" in m]
+    final, consumed, saved = run_recipe(small_config(), tmp_path, evaluate=evaluate)
+    assert calls == [1, 2, 3, 4] and consumed == [2, 3] and saved == [2, 4] and "stopped_at" not in final
+    assert [(m["step"], m["probe"]) for m in read_metrics(tmp_path) if "probe" in m] == [(2, 2.0), (4, 4.0)]
 
 
 def test_a_non_finite_first_update_after_a_resume_names_the_checkpoint_as_suspect(tmp_path):

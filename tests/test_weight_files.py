@@ -14,6 +14,7 @@ from gpt1_jax.weights.weight_files import (
     MAX_NAMED_TENSORS,
     WeightFormatError,
     check_finite,
+    name_mismatch,
     read_hf_tensors,
     read_shard,
 )
@@ -111,8 +112,8 @@ def write_pytorch_bin(folder: pathlib.Path, extra: dict) -> dict[str, np.ndarray
 
 def test_a_pytorch_state_dict_reads_as_its_tensors(tmp_path):
     expected = write_pytorch_bin(tmp_path, {})
-    read = read_hf_tensors(tmp_path)
-    assert read.keys() == expected.keys()
+    weights_file, read = read_hf_tensors(tmp_path)
+    assert weights_file == tmp_path / "pytorch_model.bin" and read.keys() == expected.keys()
     for name, array in expected.items():
         np.testing.assert_array_equal(read[name], array)
 
@@ -158,3 +159,16 @@ def test_finite_weights_pass_silently(caplog):
     with caplog.at_level(logging.WARNING, logger="gpt1_jax.weights.weight_files"):
         check_finite(some_tensors(), "DIR")
     assert not caplog.text
+
+
+# ---------------------------------------------------------------- names
+
+
+def test_names_a_file_holds_beyond_or_short_of_the_models_are_listed_a_few_and_counted():
+    needed = [f"h.{i}.w" for i in range(3)]
+    found = [*needed[1:], *(f"h.9.w{i}" for i in range(MAX_NAMED_TENSORS + 2))]
+    assert name_mismatch(needed, needed) == ""
+    assert name_mismatch(found, needed) == (
+        f"{MAX_NAMED_TENSORS + 2} tensors unused (the model has no place for them): "
+        + ", ".join(f"'h.9.w{i}'" for i in range(MAX_NAMED_TENSORS)) + " and 2 more tensors; "
+        "1 tensor missing: 'h.0.w'")

@@ -5,14 +5,17 @@ training (`pretrain.zeroshot_tracker`), the tracker's `due` schedule.
 """
 
 import pytest
+from flax import nnx
 
 from gpt1_jax import run_options
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.configs import tiny_pretrain
 from gpt1_jax.finetuning import tasks
 from gpt1_jax.finetuning.task_inputs import read_split
+from gpt1_jax.model.scoring import SCORE_BATCH
 from gpt1_jax.pretraining import pretrain
 from gpt1_jax.text.tokenizer import GPT1Tokenizer
+from gpt1_jax.training.preemption import Interrupted
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +78,25 @@ def test_probe_split_without_a_local_file_fails_at_construction(tokenizer):
     config.zeroshot.split = "train"  # Story Cloze has no training split
     with pytest.raises(ConfigError, match=r"zeroshot\.tasks='story_cloze', zeroshot\.split='train'"):
         pretrain.zeroshot_tracker(config, tokenizer)
+
+
+def test_the_probes_check_for_a_stop_before_each_batch_and_end_at_one(tokenizer):
+    """The probes run inside the loop's evaluation: a SIGTERM must end them within a batch, not at their end."""
+    config = probe_config("sst2", max_examples=40)
+    tracker = pretrain.zeroshot_tracker(config, tokenizer)
+    model_cfg = pretrain.model_config(config)
+    graphdef, params = nnx.split(pretrain.abstract_model(model_cfg))[0], pretrain.initial_params(model_cfg, 0)
+    checks = []
+    scores = tracker.evaluate(graphdef, params, lambda: checks.append(1))
+    # One check per batch: SST-2 scores both label words of each of its 40 examples.
+    assert set(scores) == {"zeroshot/sst2"} and len(checks) == 40 * 2 // SCORE_BATCH
+
+    def stop_at_the_third_batch():
+        checks.append(1)
+        if len(checks) == 3:
+            raise Interrupted("SIGTERM")
+
+    checks.clear()
+    with pytest.raises(Interrupted):
+        tracker.evaluate(graphdef, params, stop_at_the_third_batch)
+    assert len(checks) == 3

@@ -14,6 +14,11 @@ field each, same names); a `CustomTaskError` names the field at fault, and the r
 recipe writes the set it used back into the config, so `config.json` and
 `results.json` record it and predictions map back to the user's own labels. A multiple-choice label is
 the 0-based index or the text of the right choice.
+
+Labels are compared as the classes they name (`task_readers.label_key`), in every file format and in
+`labels`: stripped of surrounding whitespace (`pos ` is `pos`; a label empty after stripping is a bad row),
+numbers by value (`1`, `1.0` and `"1"` are the class named "1"). A text field that is empty is kept, and
+counted in a warning naming the first file:line.
 """
 
 from __future__ import annotations
@@ -124,13 +129,24 @@ def _labels(custom: CustomTaskOptions, kind: str, local: dict, choices: tuple[st
     if kind == tasks.MULTIPLE_CHOICE:
         return tuple(str(i) for i in range(len(choices)))
     if _names(custom.labels):
-        return _names(custom.labels)
+        return _given_labels(custom.labels)
     if custom.tfds:
         return _tfds_labels(custom, data_dir)
     train = local["train"][0]
-    values = task_readers.column_values(train.path, custom.label, format=train.format, header=train.header,
-                                        encoding=custom.encoding, on_error=custom.on_error)
+    values = task_readers.label_values(train.path, custom.label, format=train.format, header=train.header,
+                                       encoding=custom.encoding, on_error=custom.on_error)
     return tuple(sorted(set(values)))
+
+
+def _given_labels(text: str) -> tuple[str, ...]:
+    """`labels` as the classes they name (`task_readers.label_key`: "1.0" is "1"); two names of one class
+    would leave one of them an output no row is labelled with, so they are refused."""
+    labels = tuple(task_readers.label_key(name) for name in _names(text))
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise CustomTaskError("labels", f"={text!r} names the class(es) {twice} more than once (labels are "
+                                        "compared stripped, numbers by value): list each class once.")
+    return labels
 
 
 def _metrics(custom: CustomTaskOptions, kind: str, labels: tuple[str, ...]) -> tuple[str, ...]:

@@ -8,15 +8,24 @@ whether the data comes from `tfds.load` or from files laid out like `shared/data
 Bad input is an error naming file and line by default (`on_error="raise"`). With `on_error="skip"` a bad row
 is skipped, counted in `ReadResult.skipped` and logged, and undecodable bytes are replaced (counted in
 `ReadResult.repaired`). Rows whose raw label means "no gold label" (SNLI '-', TFDS -1) are the standard
-exclusion, not errors: they are counted in `ReadResult.dropped`.
+exclusion, not errors: they are counted in `ReadResult.dropped`. A text field that is empty is kept but
+counted (`ReadResult.empty_texts`) and logged with the first file:line, as skipped rows are.
+
+Labels are compared as the classes they name (`label_key`): stripped of surrounding whitespace, a number by
+its value, so `pos ` is `pos` and `1`, `1.0` and `"1"` are one class.
 """
 
+import collections
+import contextlib
 import csv
+import ctypes
 import dataclasses
+import decimal
 import json
 import logging
 import os
 import pathlib
+import re
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from gpt1_jax.constants import DATA_ENV
@@ -27,6 +36,8 @@ ON_ERROR = ("raise", "skip")
 _RACE_LETTERS = "ABCD"
 _STORY_SENTENCES = tuple(f"InputSentence{i}" for i in range(1, 5))
 _STORY_ENDINGS = ("RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2")
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,4})?", re.ASCII)  # a label spelt as a number
+_C_LONG_MAX = 2 ** (8 * ctypes.sizeof(ctypes.c_long) - 1) - 1  # the largest csv.field_size_limit takes
 
 
 class DataError(UserError, ValueError):
@@ -54,6 +65,7 @@ class ReadResult:
     dropped: int = 0  # rows without a gold label, left out by design
     repaired: int = 0  # rows whose non-UTF-8 bytes were replaced with on_error="skip"
     problems: list[str] = dataclasses.field(default_factory=list)  # one message per skipped/repaired row
+    empty_texts: list[str] = dataclasses.field(default_factory=list)  # "file:line: empty FIELD" per kept row
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -64,6 +76,7 @@ class ReadResult:
         self.dropped += other.dropped
         self.repaired += other.repaired
         self.problems.extend(other.problems)
+        self.empty_texts.extend(other.empty_texts)
 
 
 class _Policy:
@@ -113,13 +126,26 @@ def _lines(path: pathlib.Path, policy: _Policy, encoding: str = "utf-8") -> Iter
             yield number, line.rstrip("\r\n")
 
 
+def _check_unique_columns(path: pathlib.Path, header: Sequence[str], given: bool) -> None:
+    """Refuse a column name that occurs twice: a row becomes a dict by name, so all but the last column of
+    that name would vanish and the task would train on whichever came last without a word."""
+    counts = collections.Counter(header)
+    twice = sorted(name for name, count in counts.items() if count > 1)
+    if twice:
+        source = "the column names given (custom.columns)" if given else "the header line"
+        raise DataError(f"{path}: column name(s) {twice} occur more than once in {source} {list(header)}; rename "
+                        "them so that each column has a name of its own")
+
+
 def _table_records(rows: Iterable[tuple[int, list[str]]], path: pathlib.Path, header: Sequence[str] | None,
                    required: Sequence[str], policy: _Policy) -> Iterator[tuple[int, dict[str, str]]]:
     rows = iter(rows)
+    given = header is not None
     if header is None:
         number, header = next(rows, (0, None))
         if header is None or header == [""]:
             raise DataError(f"{path}: the file is empty; a table needs a header line naming its columns")
+    _check_unique_columns(path, header, given)
     missing = [c for c in required if c not in header]
     if missing:
         raise DataError(f"{path}: no column(s) {missing}; the columns are {list(header)} (a file without a header "
@@ -150,16 +176,39 @@ def _csv_records(path, header, required, policy, encoding="utf-8"):
 
     reader = csv.reader(text())
     rows = []
-    while True:
-        try:
-            fields = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:  # the reader resumes at the next line, so skip mode can go on
-            policy.bad_row(f"{path}:{numbers[-1]}: malformed CSV ({e})")
-            continue
-        rows.append((numbers[-1], fields))
+    with _unlimited_csv_fields():
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # the reader resumes at the next line, so skip mode can go on
+                policy.bad_row(f"{path}:{numbers[-1]}: malformed CSV ({e})")
+                continue
+            rows.append((numbers[-1], fields))
     return _table_records(rows, path, header, required, policy)
+
+
+@contextlib.contextmanager
+def _unlimited_csv_fields() -> Iterator[None]:
+    """Lift the csv module's field size limit (131,072 characters) while one file is read: a long document in
+    one field is ordinary task data, which the input transformation truncates to the context as it does a TSV's.
+    The limit is process-wide, so the previous one is put back for other code."""
+    previous = csv.field_size_limit(_C_LONG_MAX)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object as a dict, refusing a key that occurs twice, which `json.loads` would resolve silently to
+    the last value, as a table would with two columns of one name (`_check_unique_columns`)."""
+    counts = collections.Counter(key for key, _ in pairs)
+    twice = sorted(key for key, count in counts.items() if count > 1)
+    if twice:
+        raise ValueError(f"field(s) {twice} occur more than once in the object; give each field a name of its own")
+    return dict(pairs)
 
 
 def _jsonl_records(path, header, required, policy, encoding="utf-8"):
@@ -168,9 +217,12 @@ def _jsonl_records(path, header, required, policy, encoding="utf-8"):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             policy.bad_row(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        except ValueError as e:  # a key twice (`_unique_keys`), or an integer too long for Python to convert
+            policy.bad_row(f"{path}:{number}: {e}")
             continue
         if not isinstance(record, dict):
             policy.bad_row(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
@@ -218,27 +270,53 @@ def _field_problem(record: dict, texts: Iterable[str | None], scalars: Iterable[
     return next((p for p in problems if p), None)
 
 
-def _parse_label(raw: Any, label_names: Sequence[str] | None, where: str, policy: _Policy) -> int | float | None:
-    """Index of `raw` in `label_names`; a float when `label_names` is None (regression, STS-B)."""
-    if label_names is None:
+def label_key(raw: Any) -> str:
+    """The class a raw label names, spelt one way: stripped of surrounding whitespace, a number by its value
+    (`1`, `1.0`, `"1"` and `" 01"` are all "1", `0.50` is "0.5"), a JSON boolean as JSON spells it; "" if empty.
+
+    Hand-made files spell one label several ways (a stray space, a spreadsheet's `1.0` beside `1`); compared
+    as written, each spelling became a class of its own and the run trained on the wrong classes, silently."""
+    if isinstance(raw, bool):
+        return json.dumps(raw)
+    text = str(raw).strip()
+    if not _NUMBER.fullmatch(text):
+        return text
+    exact = decimal.Context(prec=len(text), Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)  # never rounds
+    number = decimal.Decimal(text).normalize(exact)
+    return f"{number:f}" if number else "0"  # "-0" is 0
+
+
+def _empty_label(record: dict, field: str | None) -> str | None:
+    """Why the row's label is unusable for being empty or blank, or None (also when the file has no labels)."""
+    if field is not None and not label_key(record[field]):
+        return f"field {field!r} is empty: a labelled row needs its label"
+    return None
+
+
+def _parse_label(raw: Any, label_index: dict[str, int] | None, where: str, policy: _Policy) -> int | float | None:
+    """The class index of `raw` (by `label_key`); a float when `label_index` is None (regression, STS-B)."""
+    if label_index is None:
         try:
             return float(raw)
         except (TypeError, ValueError):
             policy.bad_row(f"{where}: label {raw!r} is not a number")
             return None
-    if str(raw) not in label_names:
-        policy.bad_row(f"{where}: label {raw!r} is not one of {list(label_names)}")
+    key = label_key(raw)
+    if key not in label_index:
+        policy.bad_row(f"{where}: label {raw!r} is not one of {list(label_index)}")
         return None
-    return list(label_names).index(str(raw))
+    return label_index[key]
 
 
 def _parse_choice(raw: Any, choices: Sequence[str], where: str, policy: _Policy) -> int | None:
-    """The right answer of a multiple-choice row: its 0-based index, or the text of one of its choices."""
-    text = str(raw)
-    if text in choices:
-        return list(choices).index(text)
-    if text.strip().isdigit() and int(text) < len(choices):
-        return int(text)
+    """The right answer of a multiple-choice row: the text of one of its choices (stripped), or its 0-based
+    index, a number in any spelling (`label_key`)."""
+    texts, text = [choice.strip() for choice in choices], str(raw).strip()
+    if text in texts:
+        return texts.index(text)
+    indices = [str(i) for i in range(len(choices))]
+    if label_key(raw) in indices:
+        return int(label_key(raw))
     policy.bad_row(f"{where}: label {raw!r} is neither an index 0..{len(choices) - 1} nor the text of a choice")
     return None
 
@@ -260,51 +338,63 @@ def read_columns(path: str | os.PathLike, *, text_a: str, text_b: str | None = N
 
     Works for the task files (GLUE, SNLI, MNLI, SciTail) and for a user's own data. `format` defaults to the
     suffix (.tsv/.csv/.jsonl); `header` names the columns of a file without a header line; `label=None`
-    reads an unlabeled file; `label_names` gives the raw label values in index order (None: float labels).
-    With `choices` (column names) a row is a multiple-choice example whose label is the index or the text
-    of the right choice.
+    reads an unlabeled file; `label_names` gives the raw label values in index order, compared as `label_key`
+    spells them (None: float labels). With `choices` (column names) a row is a multiple-choice example whose
+    label is the index or the text of the right choice.
     """
     path = pathlib.Path(path)
     format = table_format(path, format)
     result = ReadResult([])
     policy = _Policy(on_error, result)
-    required = [c for c in (text_a, text_b, label, uid, *(choices or ())) if c is not None]
+    label_index = {label_key(name): i for i, name in enumerate(label_names)} if label_names is not None else None
+    text_fields = [c for c in (text_a, text_b, *(choices or ())) if c is not None]
+    required = [*text_fields, *(c for c in (label, uid) if c is not None)]
     for row, (number, record) in enumerate(_RECORDS[format](path, header, required, policy, encoding)):
-        problem = _field_problem(record, (text_a, text_b, *(choices or ())), (label, uid))
+        where = f"{path}:{number}"
+        problem = _field_problem(record, text_fields, (label, uid)) or _empty_label(record, label)
         if problem:
-            policy.bad_row(f"{path}:{number}: {problem}")
+            policy.bad_row(f"{where}: {problem}")
             continue
         choice_texts = tuple(str(record[c]) for c in choices) if choices else None
         parsed = None
         if label is not None:
-            where = f"{path}:{number}"
-            if str(record[label]) in drop_labels:
+            if label_key(record[label]) in drop_labels:
                 result.dropped += 1
                 continue
             if choice_texts:
                 parsed = _parse_choice(record[label], choice_texts, where, policy)
             else:
-                parsed = _parse_label(record[label], label_names, where, policy)
+                parsed = _parse_label(record[label], label_index, where, policy)
             if parsed is None:
                 continue
-        text_b_value = str(record[text_b]) if text_b is not None else None
-        result.examples.append(Example(str(record[uid]) if uid else str(row), str(record[text_a]),
-                                       text_b_value, choice_texts, label=parsed))
+        texts = {field: str(record[field]) for field in text_fields}
+        _note_empty_texts(result, where, texts.items())
+        result.examples.append(Example(str(record[uid]) if uid else str(row), texts[text_a], texts.get(text_b),
+                                       choice_texts, label=parsed))
     return _logged(result, str(path))
 
 
-def column_values(path: str | os.PathLike, column: str, *, format: str | None = None,
-                  header: Sequence[str] | None = None, encoding: str = "utf-8", on_error: str = "raise") -> list[str]:
-    """Every value of one column (or JSON field) of a table, in file order: a user's raw labels, say."""
+def _note_empty_texts(result: ReadResult, where: str, texts: Iterable[tuple[str, str]]) -> None:
+    """Count a row whose text field (name, value) is empty or blank: it is kept, but trains on the special
+    tokens alone, which in a real file is most often a cell left blank or the wrong column named."""
+    empty = [field for field, text in texts if not text.strip()]
+    if empty:
+        result.empty_texts.append(f"{where}: empty {', '.join(map(repr, empty))}")
+
+
+def label_values(path: str | os.PathLike, column: str, *, format: str | None = None,
+                 header: Sequence[str] | None = None, encoding: str = "utf-8", on_error: str = "raise") -> list[str]:
+    """Every label of one column (or JSON field) of a table as `label_key` spells it, in file order: what a
+    user's own label set is made of. An empty label is a bad row, never a class."""
     path = pathlib.Path(path)
     policy = _Policy(on_error, ReadResult([]))
     values = []
     for number, record in _RECORDS[table_format(path, format)](path, header, [column], policy, encoding):
-        problem = _field_problem(record, (), (column,))
+        problem = _field_problem(record, (), (column,)) or _empty_label(record, column)
         if problem:
             policy.bad_row(f"{path}:{number}: {problem}")
             continue
-        values.append(str(record[column]))
+        values.append(label_key(record[column]))
     return values
 
 
@@ -439,10 +529,11 @@ def _tfds_columns(record: dict, src: tasks.TfdsTaskSource, spec: tasks.TaskSpec,
         choices = tuple(_text(c) for c in record[src.choices]) if src.choices else None
     raw = record[src.label].item()
     if isinstance(raw, (bytes, str)):  # a label stored as text: its index among the task's raw labels
-        raw = spec.raw_labels.index(_text(raw)) if _text(raw) in spec.raw_labels else _text(raw)
-        if isinstance(raw, str):
-            policy.bad_row(f"{where}: label {raw!r} is not one of {list(spec.raw_labels)}")
+        keys = [label_key(name) for name in spec.raw_labels]
+        if label_key(_text(raw)) not in keys:
+            policy.bad_row(f"{where}: label {_text(raw)!r} is not one of {keys}")
             return
+        raw = keys.index(label_key(_text(raw)))
     if not spec.label_names:
         label = float(raw)
     elif raw == -1:  # TFDS marks unlabeled (GLUE test) and gold-less (SNLI) examples with -1
@@ -457,8 +548,9 @@ def _tfds_columns(record: dict, src: tasks.TfdsTaskSource, spec: tasks.TaskSpec,
             policy.bad_row(f"{where}: label {raw} out of range for {n_classes} classes")
             return
     uid = _text(record[src.uid]) if src.uid else str(index)
-    text_b = _text(record[src.text_b]) if src.text_b else None
-    result.examples.append(Example(uid, _text(record[src.text_a]), text_b, choices, label))
+    texts = {field: _text(record[field]) for field in (src.text_a, src.text_b) if field}
+    _note_empty_texts(result, where, [*texts.items(), *((f"choice {i}", text) for i, text in enumerate(choices or ()))])
+    result.examples.append(Example(uid, texts[src.text_a], texts.get(src.text_b), choices, label))
 
 
 def _tfds_race(record, src, spec, index, where, policy, result) -> None:
@@ -506,4 +598,7 @@ def _logged(result: ReadResult, what: str) -> ReadResult:
                         result.skipped, result.repaired, result.problems[0])
     if result.dropped:
         logging.info("%s: dropped %d rows without a gold label", what, result.dropped)
+    if result.empty_texts:
+        logging.warning("%s: %d rows have an empty text field, kept as they are (a blank cell, or the wrong column "
+                        "named?); first: %s", what, len(result.empty_texts), result.empty_texts[0])
     return result

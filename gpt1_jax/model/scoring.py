@@ -8,7 +8,7 @@ zero-shot probes of Sec. 5 compare (`gpt1_jax.pretraining.zeroshot_probes`); `sc
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,12 +33,15 @@ def _next_token_logprobs(graphdef, state, tokens):
 
 
 def score_pairs(model: GPT1, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-                batch_size: int = SCORE_BATCH) -> list[tuple[float, float]]:
+                batch_size: int = SCORE_BATCH, check_stop: Callable[[], None] = lambda: None
+                ) -> list[tuple[float, float]]:
     """(sum, mean) of log p(continuation | context) for each (context, continuation) pair.
 
     Contexts longer than n_ctx allows are cut from the left, so the tokens nearest the continuation
     are kept. Rows are right-padded to a power-of-two length (causal attention never looks right),
     and batches are padded to `batch_size` rows, which bounds the number of compilations.
+    `check_stop()` runs before each batch and may raise to abandon the scoring (a stop request during
+    pre-training's zero-shot probes).
     """
     n_ctx = model.config.n_ctx
     rows, spans = [], []
@@ -55,6 +58,7 @@ def score_pairs(model: GPT1, pairs: Sequence[tuple[Sequence[int], Sequence[int]]
     graphdef, state = nnx.split(model)
     results = []
     for begin in range(0, len(rows), batch_size):
+        check_stop()
         chunk = rows[begin:begin + batch_size]
         length = min(n_ctx, max(MIN_SCORE_LENGTH, 1 << (max(map(len, chunk)) - 1).bit_length()))
         tokens = np.zeros((batch_size, length), np.int32)  # [batch, seq]

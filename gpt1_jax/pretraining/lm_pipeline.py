@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 
 import jax
 import numpy as np
@@ -24,8 +23,7 @@ from gpt1_jax.text.tokenizer import GPT1Tokenizer
 
 
 def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "gpt1_jax", "token_cache")
+    return storage.user_cache_dir("token_cache")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +22,10 @@ from gpt1_jax.config_check import ConfigError
 from gpt1_jax.model import losses
 from gpt1_jax.model.losses import lm_loss_sum
 from gpt1_jax.model.transformer import GPT1, GPT1Config
-from gpt1_jax.pretraining.lm_pipeline import LMData, VocabularyTooSmallError
+from gpt1_jax.pretraining.lm_pipeline import LMData, VocabularyTooSmallError, default_cache_dir
 from gpt1_jax.pretraining.zeroshot_tracking import ZeroShotTracker, probe_examples, probe_names
 from gpt1_jax.training import checkpoint, optim, sharding, train_lib, workdir_guard
+from gpt1_jax.training.preemption import StopRequest
 from gpt1_jax.training.run_log import RunLog
 
 PEAK_FLOPS = {  # bfloat16 dense peak per device; used for MFU when train.peak_flops is 0.
@@ -84,9 +86,17 @@ def make_lm_eval_step(graphdef, config: ConfigDict):
 
 
 def lm_data(config: ConfigDict) -> LMData:
-    """The run's corpus, windows and validation; a ConfigError naming model.vocab_size when it is too small."""
+    """The run's corpus, windows and validation; a ConfigError naming model.vocab_size when it is too small.
+
+    A SIGTERM or Ctrl-C while the corpus is tokenized into the token cache ends the build at once
+    (`preemption.Interrupted`, which train.py reports and exits 0 on): a batch of text can take a minute,
+    and a build has nothing worth finishing; its temporary folder is removed and the rerun builds it.
+    """
+    options = run_options.lm_data_options(config)
+    phase = f"reading data.source into the token cache in {options.cache_dir or default_cache_dir()}"
     try:
-        return LMData.build(run_options.lm_data_options(config))
+        with StopRequest(phase, at_once=True):
+            return LMData.build(options)
     except VocabularyTooSmallError as err:
         raise ConfigError(f"model.vocab_size={err.vocab_size} is smaller than the tokenizer's {err.tokenizer_ids:,} "
                           f"ids: larger ids would index past the token table. Set model.vocab_size to at least "
@@ -118,10 +128,13 @@ def zeroshot_tracker(config: ConfigDict, tokenizer) -> ZeroShotTracker:
                            last_step=config.train.num_steps, tokenizer=tokenizer)
 
 
-def evaluate_lm(eval_step, params, data: LMData, mesh) -> dict[str, float]:
-    """Validation loss and perplexity over the fixed held-out windows."""
+def evaluate_lm(eval_step, params, data: LMData, mesh, check_stop: Callable[[], None] = lambda: None
+                ) -> dict[str, float]:
+    """Validation loss and perplexity over the fixed held-out windows; `check_stop()` runs before each batch
+    (and raises to abandon the evaluation, see `train_lib.Recipe`)."""
     total, count = 0.0, 0.0
     for batch in data.validation:
+        check_stop()
         nll, n = eval_step(params, *sharding.global_batch((batch.tokens, batch.weights), mesh))
         total, count = total + float(nll), count + float(n)
     loss = total / max(count, 1.0)
@@ -183,12 +196,12 @@ def pretrain(config: ConfigDict, workdir: str) -> dict[str, float]:
             with data.batches(start_step, total_steps) as local:
                 yield (sharding.global_batch(tokens, compiled.mesh) for _, tokens in local)
 
-        def evaluate(done: int, state: train_lib.TrainState) -> dict[str, float]:
+        def evaluate(done: int, state: train_lib.TrainState, check_stop: Callable[[], None]) -> dict[str, float]:
             scores = {}
             if config.train.eval_every and (done % config.train.eval_every == 0 or done == total_steps):
-                scores.update(evaluate_lm(eval_step, state.params, data, compiled.mesh))
+                scores.update(evaluate_lm(eval_step, state.params, data, compiled.mesh, check_stop))
             if probes.due(done):
-                scores.update(probes.evaluate(compiled.graphdef, state.params))
+                scores.update(probes.evaluate(compiled.graphdef, state.params, check_stop))
             return scores
 
         def derived(scalars: dict, seconds_per_step: float) -> dict[str, float]:

@@ -15,7 +15,10 @@ fine-tuning). ``doc_starts`` keeps the boundaries for anyone who wants them.
 
 A cache is built in a temporary directory and renamed into place, so a crash never leaves a
 half-written cache under its key, and a cache that fails verification is rebuilt while caches
-with other keys are left alone.
+with other keys are left alone. The temporary directory is deleted when the build fails or is
+stopped; one left by a build that was killed outright (SIGKILL, a power cut) is deleted by the next
+run that opens the cache folder (`remove_abandoned`). A disk that fills up during the build is one
+`CacheSpaceError` saying how much room the cache needs.
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ from __future__ import annotations
 import array
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
 import pathlib
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -37,12 +44,17 @@ import numpy as np
 import tqdm
 
 from gpt1_jax import storage
+from gpt1_jax.errors import UserError
 from gpt1_jax.pretraining.text_sources import TextSource
 
 FORMAT_VERSION = 1
 _TOKENS, _DOC_STARTS, _META = "tokens.u16", "doc_starts.npy", "meta.json"
 _DTYPE = np.dtype("<u2")
 _HASH_CHUNK = 1 << 24  # tokens per hashing chunk (32 MiB)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# `.<key>.tmp-<host>-<pid>-<random>` (a build) or `.stale-` (an invalid cache being deleted): `_temporary_dir`.
+_TEMPORARY = re.compile(r"\.[0-9a-f]+\.(?:tmp|stale)-(?:(?P<host>.+)-(?P<pid>\d+)-)?[^-]+")
+ABANDONED_AFTER_S = 24 * 3600  # a temporary folder of another host untouched this long belongs to no live build
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +72,70 @@ class Tokenizer(Protocol):
 
 class InvalidCacheError(Exception):
     """A cache directory that is missing, partial or corrupt; it will be rebuilt."""
+
+
+class CacheSpaceError(UserError):
+    """The disk of the cache folder filled up while a cache was written there; the message says how much it needs."""
+
+    def __init__(self, folder: str, free: int, needed: int | None, elsewhere: str):
+        need = f"about {needed / 1e6:,.1f} MB" if needed else "more than that"
+        super().__init__(f"No room for the token cache in {folder}: the disk filled up while it was written "
+                         f"({free / 1e6:,.1f} MB were free; the cache needs {need}). No partial cache is left. Free "
+                         f"space there, or {elsewhere}.")
+
+
+def _room_needed(doc_starts: array.array, num_documents: int | None) -> int | None:
+    """Bytes of a whole cache, extrapolated from the documents written before the disk filled up (None when
+    none was, or the source's document count is unknown)."""
+    done = len(doc_starts) - 1
+    if not done or not num_documents:
+        return None
+    return int(doc_starts[-1] * num_documents / done) * _DTYPE.itemsize + 8 * (num_documents + 1)
+
+
+def _temporary_dir(parent: str, key: str, kind: str = "tmp") -> str:
+    """A new folder `.<key>.<kind>-<host>-<pid>-<random>` in `parent`: its name says which process uses it."""
+    return tempfile.mkdtemp(prefix=f".{key}.{kind}-{socket.gethostname()}-{os.getpid()}-", dir=parent)
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _last_change(folder: str) -> float:
+    return max([os.stat(folder).st_mtime, *(entry.stat().st_mtime for entry in os.scandir(folder))])
+
+
+def remove_abandoned(cache_dir: str) -> None:
+    """Delete the temporary folders that killed builds left in `cache_dir`; each may hold most of a cache.
+
+    A stopped or failed build deletes its own, but SIGKILL cannot be caught. A folder made on this host is
+    abandoned once its process is gone (`os.kill(pid, 0)`; a reused pid only keeps it longer). One made on
+    another host sharing the folder (NFS), whose processes this one cannot see, is abandoned when nothing
+    in it changed for `ABANDONED_AFTER_S`: a live build writes its token file every batch.
+    """
+    host = socket.gethostname()
+    for name in os.listdir(cache_dir):
+        match = _TEMPORARY.fullmatch(name)
+        folder = os.path.join(cache_dir, name)
+        if not match or not os.path.isdir(folder):
+            continue
+        try:
+            if match["host"] == host:
+                abandoned = not _process_is_alive(int(match["pid"]))
+            else:
+                abandoned = time.time() - _last_change(folder) > ABANDONED_AFTER_S
+        except OSError:  # deleted meanwhile by its build
+            continue
+        if abandoned:
+            log.warning("Deleting %s, left by a token cache build that was killed.", folder)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def cache_key(source_identity: str, tokenizer_fingerprint: str) -> str:
@@ -144,14 +220,18 @@ class TokenCache:
         *,
         chars_per_batch: int = 8_000_000,
         num_workers: int | None = None,
+        elsewhere: str = "set data.cache_dir to a folder on a disk with room",
     ) -> TokenCache:
         """Returns the cache for (source, tokenizer), tokenizing the source only if needed.
 
         ``cache_dir`` is ``data.cache_dir``; one directory may hold caches of many corpora.
         ``chars_per_batch`` and ``num_workers`` tune tokenization only; they do not change the ids.
+        ``elsewhere`` says how to put the cache on another disk, in the message of a `CacheSpaceError`.
         """
         key = cache_key(source.identity, tokenizer.fingerprint)
         path = os.path.join(cache_dir, key)
+        if os.path.isdir(cache_dir):
+            remove_abandoned(cache_dir)
         if os.path.exists(path):
             try:
                 cache = cls.load(path)
@@ -159,11 +239,18 @@ class TokenCache:
                 return cache
             except InvalidCacheError as e:
                 log.warning("Rebuilding invalid token cache: %s", e)
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_dir)
+        storage.make_local_dir(cache_dir, "token cache folder", "set data.cache_dir to a folder you can write (by "
+                               "default it lies under $XDG_CACHE_HOME, else under $HOME/.cache)")
+        free = shutil.disk_usage(cache_dir).free
+        doc_starts = array.array("q", [0])  # filled by _write; how far it got if the disk fills up
+        tmp = _temporary_dir(cache_dir, key)
         try:
-            cls._write(tmp, source, tokenizer, chars_per_batch=chars_per_batch, num_workers=num_workers)
+            cls._write(tmp, source, tokenizer, doc_starts, chars_per_batch=chars_per_batch, num_workers=num_workers)
             return cls._publish(tmp, path)
+        except OSError as err:
+            if err.errno not in _NO_SPACE:
+                raise
+            raise CacheSpaceError(cache_dir, free, _room_needed(doc_starts, source.num_documents), elsewhere) from err
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -180,13 +267,18 @@ class TokenCache:
         """
         key = cache_key(source.identity, tokenizer.fingerprint)
         local, remote = os.path.join(local_dir, key), storage.path(bucket_dir) / key
+        storage.make_local_dir(local_dir, "local token cache folder", "a bucket cache is read through a local copy "
+                               "under $XDG_CACHE_HOME, else under $HOME/.cache: set XDG_CACHE_HOME to a folder you "
+                               "can write")
+        elsewhere = "set XDG_CACHE_HOME to a folder on a disk with room (a bucket cache is read through a local copy)"
+        remove_abandoned(local_dir)
         cache = None
         if os.path.exists(local):
             with contextlib.suppress(InvalidCacheError):
                 cache = cls.load(local)
         try:
             if writes and not (remote / _META).exists():
-                cache = cache or cls.load_or_build(source, tokenizer, local_dir)
+                cache = cache or cls.load_or_build(source, tokenizer, local_dir, elsewhere=elsewhere)
                 for name in (_TOKENS, _DOC_STARTS, _META):
                     storage.write_whole(remote / name, pathlib.Path(local, name).read_bytes())
                 log.info("Token cache uploaded to %s", remote)
@@ -194,24 +286,35 @@ class TokenCache:
                 wait_for_writer()
             if cache is not None:
                 return cache
-            os.makedirs(local_dir, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=local_dir)
-            try:
-                for name in (_TOKENS, _DOC_STARTS, _META):
-                    pathlib.Path(tmp, name).write_bytes((remote / name).read_bytes())
-                log.info("Token cache %s copied to %s", remote, local)
-                return cls._publish(tmp, local)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            return cls._download(remote, local, elsewhere)
         except OSError as err:
             raise storage.explain(err, remote, "use the token cache") from err
 
+    @classmethod
+    def _download(cls, remote: storage.Path, local: str, elsewhere: str) -> TokenCache:
+        """Copy the cache `remote` to `local` through a temporary folder beside it; verified as any cache is."""
+        local_dir = os.path.dirname(local)
+        free = shutil.disk_usage(local_dir).free
+        tmp = _temporary_dir(local_dir, os.path.basename(local))
+        try:
+            for name in (_TOKENS, _DOC_STARTS, _META):
+                pathlib.Path(tmp, name).write_bytes((remote / name).read_bytes())
+            log.info("Token cache %s copied to %s", remote, local)
+            return cls._publish(tmp, local)
+        except OSError as err:
+            if err.errno not in _NO_SPACE:
+                raise
+            raise CacheSpaceError(local_dir, free, None, elsewhere) from err
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     @staticmethod
     def _write(
-        tmp: str, source: TextSource, tokenizer: Tokenizer, *, chars_per_batch: int, num_workers: int | None
+        tmp: str, source: TextSource, tokenizer: Tokenizer, doc_starts: array.array, *, chars_per_batch: int,
+        num_workers: int | None
     ) -> None:
+        """Tokenize `source` into the files of a cache in `tmp`, appending each document's end to `doc_starts`."""
         hasher = hashlib.blake2b(digest_size=16)
-        doc_starts = array.array("q", [0])
         with (
             open(os.path.join(tmp, _TOKENS), "wb") as f,
             tqdm.tqdm(total=source.num_documents, unit="doc", desc="Tokenizing corpus") as bar,
@@ -256,7 +359,7 @@ class TokenCache:
     def _publish(cls, tmp: str, path: str) -> TokenCache:
         """Renames the finished build to ``path``, replacing an invalid cache there."""
         if os.path.exists(path):
-            stale = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.stale-", dir=os.path.dirname(path))
+            stale = _temporary_dir(os.path.dirname(path), os.path.basename(path), "stale")
             os.replace(path, os.path.join(stale, "old"))
             shutil.rmtree(stale, ignore_errors=True)
         try:

@@ -10,6 +10,7 @@ the current parameters with `gpt1_jax.pretraining.zeroshot_probes` whenever the 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 from flax import nnx
@@ -47,14 +48,16 @@ class ZeroShotTracker:
 
     def due(self, step: int) -> bool:
         return bool(self.names) and (step == self.last_step or bool(self.every) and step % self.every == 0)
-    def evaluate(self, graphdef, params) -> dict[str, float]:
+    def evaluate(self, graphdef, params, check_stop: Callable[[], None] = lambda: None) -> dict[str, float]:
         """`zeroshot/<task>` -> the probe's metric for the model `nnx.merge(graphdef, params)`.
 
         With several processes the parameters are gathered first, so every process scores the
         same replicated model on its own devices (probes are small next to a train step).
+        `check_stop()` runs before each batch the probes score, and raises to abandon them (a stop request).
         """
         if jax.process_count() > 1:
             params = multihost_utils.process_allgather(params, tiled=True)
         model = nnx.merge(graphdef, params)
-        return {f"zeroshot/{name}": zeroshot_probes.run_probe(model, self.tokenizer, name, examples)
+        return {f"zeroshot/{name}": zeroshot_probes.run_probe(model, self.tokenizer, name, examples,
+                                                              check_stop=check_stop)
                 for name, examples in self.examples.items()}

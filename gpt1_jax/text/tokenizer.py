@@ -254,11 +254,19 @@ class GPT1Tokenizer:
         pool = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
             initargs=(str(self._vocab_dir) if self._vocab_dir else None,))
-        with pool:
-            try:
-                yield from pool.map(_worker_encode, texts, chunksize=chunk)
-            except concurrent.futures.process.BrokenProcessPool as err:
-                raise RuntimeError(WORKERS_DIED) from err
+        try:
+            yield from pool.map(_worker_encode, texts, chunksize=chunk)
+        except concurrent.futures.process.BrokenProcessPool as err:
+            pool.shutdown()
+            raise RuntimeError(WORKERS_DIED) from err
+        except BaseException:
+            # Abandoned (a stop request while a corpus is tokenized, Ctrl-C): the caller cleans up and says so at
+            # once, not after the workers finish the text each holds (a whole book: up to a minute on two cores);
+            # the interpreter waits for them as it exits. Terminating them races with the executor's cancelling
+            # of the queued texts on Python 3.11 and can hang that exit.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
 
     def encode_file(self, path: str | os.PathLike) -> list[int]:
         """Encodes a whole text file as one text.

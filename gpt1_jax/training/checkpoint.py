@@ -15,6 +15,7 @@ checksums do: Orbax's OCDBT files carry none, and a flipped byte in them loads a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from gpt1_jax import storage
 from gpt1_jax.errors import UserError
 from gpt1_jax.model.transformer import GPT1, GPT1Config
 from gpt1_jax.weights import pretrained
+from gpt1_jax.weights.weight_files import name_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,28 @@ CHECKSUMS = "checksums"  # metadata key: {item: {leaf path: 8 hex digits}}
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be read or written."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """No checkpoint where the caller pointed: a missing folder, or one without a complete step.
+
+    This module does not know which flag or config key named the folder: within `named_by`, the message
+    names it in the caller's words (`--checkpoint` for the tools, `--config.init` for fine-tuning). It named
+    the config key `init` for every caller, and `generate --checkpoint` has no such key.
+    """
+
+    def __init__(self, location: str | os.PathLike, problem: str, flag: str | None = None):
+        self.location, self.problem = location, problem
+        super().__init__(f"{flag}={location}: {problem}" if flag else f"Checkpoint {location}: {problem}")
+
+
+@contextlib.contextmanager
+def named_by(flag: str):
+    """Within it, a CheckpointNotFoundError names `flag`, the caller's flag or config key for the folder."""
+    try:
+        yield
+    except CheckpointNotFoundError as err:
+        raise CheckpointNotFoundError(err.location, err.problem, flag) from err
 
 
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
@@ -66,17 +90,33 @@ def _manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, as
     when that creation fails (an unwritable or full directory), the threads writing the items wait for
     its "created" signal, which never comes, for Orbax's coordination timeout (300 s), and the process
     cannot exit until then. Created up front, the failure is an error of `save` and no thread waits.
+
+    A reader gives Orbax no option to reset (`save_interval_steps=0`, ...), each of which it would announce in
+    a warning, and its "Given directory is read only" notice is dropped: loading the shipped `mini` printed
+    both, twice, on every command that read it.
     """
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
+        save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=async_save,
         async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         read_only=read_only,
         create=not read_only,
         cleanup_tmp_directories=not read_only,
     )
-    return ocp.CheckpointManager(storage.path(directory), options=options,
-                                 handler_registry=_handler_registry())
+    absl_logger = logging.getLogger("absl")
+    if read_only:
+        absl_logger.addFilter(_not_the_read_only_notice)
+    try:
+        return ocp.CheckpointManager(storage.path(directory), options=options,
+                                     handler_registry=_handler_registry())
+    finally:
+        absl_logger.removeFilter(_not_the_read_only_notice)
+
+
+def _not_the_read_only_notice(record: logging.LogRecord) -> bool:
+    """A logging filter passing every record but the notice Orbax logs for a manager opened read-only."""
+    return record.msg != "Given directory is read only=%s"
 
 
 def _mix(h: jax.Array) -> jax.Array:
@@ -178,40 +218,57 @@ def _read_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 
 def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
-    directory = pretrained.resolve(directory)
+    """The metadata of a checkpoint's latest step (or `step`), wherever `_existing_checkpoint` finds it."""
+    directory, step = _existing_checkpoint(directory, step)
     with _manager(directory, read_only=True) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{directory}: no complete checkpoint found.")
-        return _read_metadata(manager, step)
+        return _read_metadata(manager, _step_or_latest(manager, directory, step))
 
 
 def read_model_config(directory: str | os.PathLike) -> GPT1Config:
     """The model config of a checkpoint's latest step (a shipped name too), from its metadata alone."""
-    directory = _existing_checkpoint(directory)
+    directory, step = _existing_checkpoint(directory, None)
     with _manager(directory, read_only=True) as manager:
-        step = _step_or_latest(manager, directory, None)
+        step = _step_or_latest(manager, directory, step)
         return _model_config(_read_metadata(manager, step), directory / str(step) / "metadata" / "metadata")
 
 
-def _existing_checkpoint(directory: str | os.PathLike) -> storage.Path:
-    """`directory` (or a shipped name) as a path, once it is known to exist; else a CheckpointError saying why."""
-    directory = storage.path(pretrained.resolve(directory))
+_STEP_FILE = "_CHECKPOINT_METADATA"  # what Orbax writes into each step folder, and into no other
+
+
+def _existing_checkpoint(location: str | os.PathLike, step: int | None) -> tuple[storage.Path, int | None]:
+    """(folder of step folders, step) of `location`, once it is known to exist: such a folder (`step`, None for
+    its latest), one of its step folders (`<workdir>/checkpoints/300`: that step), or a shipped name ("mini").
+
+    A step folder is what a listing shows and what a user copies; it used to be "no complete checkpoint found".
+    """
+    directory = storage.path(pretrained.resolve(location))
     try:
         found = storage.is_dir(directory)
     except OSError as err:  # a bucket that refuses this machine, or cannot be reached
         raise CheckpointError(str(storage.explain(err, directory, "read the checkpoint"))) from err
     if not found:
-        raise CheckpointError(f"Checkpoint directory {directory} does not exist (config key: init). Give a "
-                              f"checkpoint folder or a shipped name: {', '.join(pretrained.SHIPPED)}.")
-    return directory
+        raise CheckpointNotFoundError(directory, "does not exist. Give a run's checkpoints folder, one of its step "
+                                      f"folders, or a shipped name: {', '.join(pretrained.SHIPPED)}.")
+    if step is None and directory.name.isdigit() and (directory / _STEP_FILE).exists():
+        return directory.parent, int(directory.name)
+    return directory, step
 
 
 def _step_or_latest(manager: ocp.CheckpointManager, directory: storage.Path, step: int | None) -> int:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"{directory}: no complete checkpoint found (config key: init).")
-    return step
+    """`step`, or the latest complete one; a CheckpointNotFoundError when there is none, naming the folder to give
+    instead when `directory` is a workdir."""
+    steps = manager.all_steps()
+    if step is None and steps:
+        return max(steps)
+    if step in steps:
+        return step
+    if step is not None:
+        raise CheckpointNotFoundError(directory, f"has no complete step {step}; its steps: {sorted(steps)}.")
+    if (directory / "checkpoints").is_dir():
+        best = f" (its latest step), or {directory / 'best'} (its best)" if (directory / "best").is_dir() else ""
+        raise CheckpointNotFoundError(directory, f"is a workdir: give {directory / 'checkpoints'}{best}.")
+    raise CheckpointNotFoundError(directory, "holds no complete checkpoint. Give a run's checkpoints folder, one of "
+                                  f"its step folders, or a shipped name: {', '.join(pretrained.SHIPPED)}.")
 
 
 def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tuple[GPT1Config, dict, dict[str, Any]]:
@@ -225,7 +282,7 @@ def load_pretrained(directory: str | os.PathLike, step: int | None = None) -> tu
     the metadata records: fine-tuning again, generating or converting from it then works as from a
     pre-trained one.
     """
-    directory = _existing_checkpoint(directory)
+    directory, step = _existing_checkpoint(directory, step)
     with _manager(directory, read_only=True) as manager:
         step = _step_or_latest(manager, directory, step)
         metadata = _read_metadata(manager, step)
@@ -270,7 +327,8 @@ def _model_config(metadata: dict, file: storage.Path) -> GPT1Config:
 
 
 def _check_shapes(config: GPT1Config, stored, where: str) -> None:
-    """Refuse arrays the metadata's model config does not describe, naming the first key that differs.
+    """Refuse arrays the metadata's model config does not describe: leaves it has no place for or lacks (all
+    named, as every weight reader does: `weight_files.name_mismatch`), then the first shape that differs.
 
     Without it a metadata file that disagrees with its arrays (edited, or copied from another run)
     fails later, deep inside Flax, with a shape error that names neither the checkpoint nor the key.
@@ -279,12 +337,16 @@ def _check_shapes(config: GPT1Config, stored, where: str) -> None:
     name = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")  # noqa: E731
     want = {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
     have = {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(stored)}
-    for key in sorted(want.keys() | have.keys()):
-        if want.get(key) != have.get(key):
+    if mismatch := name_mismatch(have, want, noun="parameter"):
+        raise CheckpointError(
+            f"{where}: its params do not fit the model its metadata's model_config describes ({config.to_dict()}): "
+            f"{mismatch}. Use another step, or a checkpoint written by train.py or gpt1-convert.")
+    for key in sorted(want):
+        if want[key] != have[key]:
             raise CheckpointError(
-                f"{where}: parameter {key} has shape {have.get(key, 'none (missing)')} in the arrays but "
-                f"{want.get(key, 'none (unknown key)')} by the metadata's model_config {config.to_dict()}; the "
-                "metadata does not describe these arrays. Use another step or the metadata the run wrote.")
+                f"{where}: parameter {key} has shape {have[key]} in the arrays but {want[key]} by the metadata's "
+                f"model_config {config.to_dict()}; the metadata does not describe these arrays. Use another step or "
+                "the metadata the run wrote.")
 
 
 class TrainCheckpointer:
@@ -373,6 +435,17 @@ class TrainCheckpointer:
             self.resumed_step = step
             return step, restored.params, restored.train_state
         return None, None, None
+
+    def metadata(self, step: int) -> dict[str, Any]:
+        """The JSON metadata saved with `step` (a CheckpointError naming the file when unreadable)."""
+        return _read_metadata(self._manager, step)
+
+    def restore_params(self, step: int, abstract_params):
+        """The parameters of `step` alone, checked against their saved checksums."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params), metadata=ocp.args.JsonRestore()))
+        _verify(restored.metadata, {"params": restored.params}, f"step {step} in {self.directory}")
+        return restored.params
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process at the same step once any of them got a preemption notice.

@@ -26,11 +26,14 @@ from flax import nnx
 
 from gpt1_jax.errors import UserError
 from gpt1_jax.training import checkpoint, sharding
-from gpt1_jax.training.preemption import StopRequest
+from gpt1_jax.training.preemption import Interrupted, StopRequest
 from gpt1_jax.training.run_log import RunLog
 
 # loss_fn(params, batch, dropout_key) -> (scalar loss, {name: scalar}), averaged over the batch's rows.
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]
+
+# Metadata key of a step saved by a stop that interrupted its evaluation: the next start evaluates it first.
+EVALUATION_PENDING = "evaluation_pending"
 
 
 class NonFiniteError(UserError, FloatingPointError):
@@ -258,7 +261,9 @@ class Recipe:
     """What a recipe plugs into `run`.
 
     batches(start): a context manager over the global batches of updates start + 1 .. total_steps.
-    evaluate(done, state): scalars to log after update `done`, {} when no evaluation is due.
+    evaluate(done, state, check_stop): scalars to log after update `done`, {} when no evaluation is due. It
+        calls check_stop() between its batches, which raises `preemption.Interrupted` at a stop request: the
+        loop then saves the step without its evaluation and the next start evaluates it first.
     derived(scalars, seconds_per_step): scalars computed from a logged step's metrics and the time per
         update (perplexity, tokens/s, MFU), logged beside them.
     save_due(done): checkpoints besides every `checkpoint.every` steps, the last step, stops and pauses.
@@ -266,7 +271,7 @@ class Recipe:
 
     total_steps: int
     batches: Callable[[int], ContextManager[Iterator[Any]]]
-    evaluate: Callable[[int, TrainState], dict[str, float]]
+    evaluate: Callable[[int, TrainState, Callable[[], None]], dict[str, float]]
     metadata: dict
     derived: Callable[[dict, float], dict[str, float]] = lambda scalars, seconds_per_step: {}
     save_due: Callable[[int], bool] = lambda done: False
@@ -299,19 +304,52 @@ class StepProfiler:
             self.active = False
 
 
+def log_evaluation(recipe: Recipe, done: int, state: TrainState, stop: StopRequest, run_log: RunLog,
+                   final: dict[str, float]) -> bool:
+    """Log the recipe's evaluation after update `done`; False when a stop request interrupted it (nothing logged)."""
+    try:
+        scores = recipe.evaluate(done, state, stop.check)
+    except Interrupted:
+        return False
+    if scores:
+        run_log.write(done, scores)
+        final.update(scores)
+    return True
+
+
+def finish_pending_evaluation(recipe: Recipe, start: int, state: TrainState, stop: StopRequest,
+                              checkpointer: checkpoint.TrainCheckpointer, run_log: RunLog,
+                              final: dict[str, float]) -> bool:
+    """Evaluate the step this run resumed from when a stop interrupted its evaluation (`EVALUATION_PENDING`);
+    False when a stop interrupts it again."""
+    if checkpointer.resumed_step != start or not checkpointer.metadata(start).get(EVALUATION_PENDING):
+        return True
+    run_log.message(f"Evaluating step {start} first: a stop interrupted its evaluation.")
+    if log_evaluation(recipe, start, state, stop, run_log, final):
+        return True
+    run_log.message(f"{stop.signal_name} during the evaluation of step {start}, which stays saved in "
+                    f"{checkpointer.directory}; rerun the same command to resume.")
+    return False
+
+
 def run(loop: LoopOptions, compiled: Compiled, state: TrainState, checkpointer: checkpoint.TrainCheckpointer,
         run_log: RunLog, recipe: Recipe) -> tuple[TrainState, dict[str, float]]:
     """Train from `state` to `recipe.total_steps`; returns the final state and the last scalars logged.
 
     A SIGTERM/SIGINT, a preemption notice reaching any process of a multi-host run, or `train.stop_at`
     finishes the update in flight, saves it and returns with `"stopped_at"` set; rerunning the same
-    command resumes from there.
+    command resumes from there. A stop during an evaluation ends it at the next batch (single process,
+    `StopRequest.check`); the step is saved marked `EVALUATION_PENDING`, and the rerun evaluates it before
+    its first update, so it logs and keeps (fine-tuning's best) what an uninterrupted run would.
     """
     start = int(state.step)
     final: dict[str, float] = {}
     profiler = StepProfiler(loop.profile_steps, run_log.tensorboard_dir)
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(StopRequest())
+        if not finish_pending_evaluation(recipe, start, state, stop, checkpointer, run_log, final):
+            final["stopped_at"] = float(start)
+            return state, final
         batches = stack.enter_context(recipe.batches(start))
         stack.callback(profiler.stop)
         last_time, last_step = time.perf_counter(), start
@@ -336,23 +374,22 @@ def run(loop: LoopOptions, compiled: Compiled, state: TrainState, checkpointer: 
                 scalars["nonfinite_steps"] = float(state.nonfinite_steps)
                 run_log.write(done, scalars)
                 final.update(scalars)
-            scores = recipe.evaluate(done, state)
-            if scores:
-                run_log.write(done, scores)
-                final.update(scores)
+            evaluated = log_evaluation(recipe, done, state, stop, run_log, final)
             pause = done == loop.stop_at
             if jax.process_count() > 1 and checkpointer.reached_preemption(done):
                 stop.request("preemption notice")
             if (done % loop.checkpoint_every == 0 or done == recipe.total_steps or recipe.save_due(done)
                     or stop.requested or pause):
                 check_finite(state, loop, checkpointer)
-                checkpointer.save(done, state.params, state.rest(), recipe.metadata)
+                metadata = recipe.metadata if evaluated else {**recipe.metadata, EVALUATION_PENDING: True}
+                checkpointer.save(done, state.params, state.rest(), metadata)
                 run_log.sync()  # a bucket workdir's metrics reach at least this checkpoint
             if pause or stop.requested:
                 checkpointer.wait()
                 reason = f"Paused at train.stop_at={done}" if pause else f"{stop.signal_name} at step {done}"
-                run_log.message(f"{reason}: saved step {done} to {checkpointer.directory}; rerun the same command "
-                                "(without train.stop_at) to resume.")
+                pending = "" if evaluated else ", without its evaluation, which the rerun does first"
+                run_log.message(f"{reason}: saved step {done} to {checkpointer.directory}{pending}; rerun the same "
+                                "command (without train.stop_at) to resume.")
                 final["stopped_at"] = float(done)
                 break
     if "stopped_at" not in final:

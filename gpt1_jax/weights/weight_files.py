@@ -6,9 +6,11 @@ function. So numpy reads with `allow_pickle=False` (after checking the header, t
 array by name rather than with numpy's generic error), safetensors files have their header length
 checked against the file size, and PyTorch files load only with `weights_only=True`. Every refusal is a
 `WeightFormatError` naming the file and what to do. `check_finite` refuses NaN or inf weights, naming
-each such tensor: they would otherwise surface only later, as NaN logits or a NaN loss.
+each such tensor: they would otherwise surface only later, as NaN logits or a NaN loss. `name_mismatch`
+compares the names a file holds with those a model needs, for every reader (ours included: Orbax
+checkpoints), so that no tensor is silently left out.
 
-Which tensors a format holds and how they map onto our parameter tree is `convert`'s job; this module
+Which tensors a format holds and how they map onto our parameter tree is `weight_formats`' job; this module
 only turns files into arrays.
 """
 
@@ -17,12 +19,13 @@ from __future__ import annotations
 import logging
 import pathlib
 import pickle
+from collections.abc import Iterable
 
 import numpy as np
 
 from gpt1_jax.errors import UserError
 
-MAX_NAMED_TENSORS = 5  # non-finite tensors listed by name in one message
+MAX_NAMED_TENSORS = 5  # tensors listed by name in one message; the rest are counted
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +71,15 @@ def read_shard(shard_file: pathlib.Path) -> np.ndarray:
 # ---------------------------------------------------------------- Hugging Face folders
 
 
-def read_hf_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
-    """Every tensor of a `save_pretrained` folder, by its name there: model.safetensors if present, else
-    pytorch_model.bin (older exports)."""
+def read_hf_tensors(directory: pathlib.Path) -> tuple[pathlib.Path, dict[str, np.ndarray]]:
+    """The weights file of a `save_pretrained` folder, model.safetensors if present, else pytorch_model.bin
+    (older exports), and every tensor in it by its name there; the file, so that errors can name it."""
     safetensors_file = directory / "model.safetensors"
     torch_file = directory / "pytorch_model.bin"
     if safetensors_file.is_file():
-        return _read_safetensors(safetensors_file)
+        return safetensors_file, _read_safetensors(safetensors_file)
     if torch_file.is_file():
-        return _read_torch_state(torch_file)
+        return torch_file, _read_torch_state(torch_file)
     raise WeightFormatError(f"{directory}: neither model.safetensors nor pytorch_model.bin found.")
 
 
@@ -142,6 +145,30 @@ def _unsafe_globals(path: pathlib.Path) -> str:
     return f"it pickles {', '.join(names)}" if names else "it pickles objects besides tensors, or is not a PyTorch file"
 
 
+# ---------------------------------------------------------------- names
+
+
+def name_mismatch(found: Iterable[str], expected: Iterable[str], *, noun: str = "tensor") -> str:
+    """How the names a file holds differ from those the model needs: "" when they are the same set, else the
+    unused names and the missing ones, a few of each by name and the rest counted.
+
+    A reader that looks up each name the config lists ignores whatever else the file holds: a config.json
+    saying n_layer=3 over 4 layers of weights converted into a 3-layer model without h.3.*, silently.
+    Comparing the whole sets makes every tensor of a file either used or an error naming it.
+    """
+    found, expected = set(found), set(expected)
+    differences = [(found - expected, "unused (the model has no place for them)"), (expected - found, "missing")]
+    return "; ".join(f"{len(names)} {noun}{'s' * (len(names) != 1)} {what}: "
+                     f"{_a_few([repr(name) for name in sorted(names)], noun + 's')}"
+                     for names, what in differences if names)
+
+
+def _a_few(items: list[str], noun: str) -> str:
+    """The first MAX_NAMED_TENSORS of `items` joined, then how many more: a message stays one readable line."""
+    more = f" and {len(items) - MAX_NAMED_TENSORS} more {noun}" if len(items) > MAX_NAMED_TENSORS else ""
+    return ", ".join(items[:MAX_NAMED_TENSORS]) + more
+
+
 # ---------------------------------------------------------------- values
 
 
@@ -156,8 +183,7 @@ def check_finite(named: dict[str, np.ndarray], source: str, *, allow: bool = Fal
     bad = [f"'{name}' ({nan} NaN, {inf} inf of {size})" for name, (nan, inf, size) in counts.items() if nan or inf]
     if not bad:
         return
-    more = f" and {len(bad) - MAX_NAMED_TENSORS} more tensors" if len(bad) > MAX_NAMED_TENSORS else ""
-    message = f"{source}: non-finite weights in {', '.join(bad[:MAX_NAMED_TENSORS])}{more}"
+    message = f"{source}: non-finite weights in {_a_few(bad, 'tensors')}"
     if allow:
         log.warning("%s; loaded anyway (allow_nonfinite).", message)
         return

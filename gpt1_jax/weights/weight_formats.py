@@ -4,7 +4,9 @@ This module maps tensor names and shapes between the formats and our parameter t
 reads the files (never running code, refusing damaged or unsafe ones). Both loaders also refuse
 weights holding NaN or inf, naming each such tensor, so fine-tuning's `init=hf:`/`init=openai:`,
 `gpt1-generate --hf` and `gpt1-convert` (`gpt1_jax/convert.py`, the command line over this library) are
-covered alike; `allow_nonfinite` turns that into a warning.
+covered alike; `allow_nonfinite` turns that into a warning. Every tensor a file holds must be one the model
+uses (`params_from_named`), save the harmless extras of older Hugging Face folders (`HF_CONSTANT_BUFFERS`,
+`HF_TIED_OUTPUT`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import os
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +23,13 @@ import numpy as np
 from flax import nnx
 
 from gpt1_jax.model.transformer import GPT1, GPT1Config
-from gpt1_jax.weights.weight_files import WeightFormatError, check_finite, read_hf_tensors, read_shard
+from gpt1_jax.weights.weight_files import (
+    WeightFormatError,
+    check_finite,
+    name_mismatch,
+    read_hf_tensors,
+    read_shard,
+)
 
 N_ORIGINAL_SHARDS = 10
 SHAPES_FILE = "params_shapes.json"
@@ -29,6 +38,16 @@ DEFAULT_N_HEAD = 12
 HF_PREFIX = "transformer."
 # transformers counts special tokens in vocab_size; this extra config.json key lets us split them off again.
 N_SPECIAL_KEY = "gpt1_jax_n_special"
+# Tensors that older transformers versions saved besides the parameters (transformers 5's save_pretrained
+# writes only the parameters: tests/test_convert.py::test_transformers_save_pretrained_writes_only_the_parameters).
+# Both are buffers the model rebuilds from its config, so they hold no weight to lose: `position_ids`, the
+# positions 0..n_ctx-1, and each block's `attn.bias`, the causal mask tril(ones) [1, 1, n_ctx, n_ctx] (not
+# `attn.c_attn.bias`, a parameter). They were persistent buffers, written into every state dict.
+HF_CONSTANT_BUFFERS = re.compile(r"position_ids|h\.\d+\.attn\.bias")
+# The output layer, which GPT-1 ties to the token embedding (Eq. 2 scores tokens with W_e); older versions
+# saved the tied copy too. It is dropped only when it equals tokens_embed.weight: an untied one holds weights
+# this model has no place for, and is reported as unused.
+HF_TIED_OUTPUT = "lm_head.weight"
 
 
 # ---------------------------------------------------------------- our parameter tree
@@ -74,12 +93,17 @@ def _check_shape(array: np.ndarray, expected: tuple[int, ...], name: str, source
     return array
 
 
-def params_from_named(named: dict[str, np.ndarray], cfg: GPT1Config, source: str) -> dict:
-    """Hugging Face names (without prefix) -> our pure parameter dict, every shape checked."""
+def params_from_named(named: dict[str, np.ndarray], cfg: GPT1Config, source: str, remedy: str) -> dict:
+    """Hugging Face names (without prefix) -> our pure parameter dict, every shape checked.
+
+    `named` must hold exactly the tensors of a model of `cfg`: looking up only the names `cfg` lists would
+    drop the rest unnoticed (4 layers of weights under a 3-layer config lost h.3.*). A difference is an error
+    naming `source`, the tensors, and `remedy`, what the user should do about it.
+    """
+    if mismatch := name_mismatch(named, original_names(cfg.n_layer)):
+        raise WeightFormatError(f"{source}: {mismatch}. {remedy}")
 
     def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in named:
-            raise WeightFormatError(f"{source}: missing tensor '{name}'.")
         return _check_shape(np.asarray(named[name], np.float32), shape, name, source)
 
     tokens = take("tokens_embed.weight", (cfg.n_vocab, cfg.width))
@@ -156,8 +180,8 @@ def load_openai_original(directory: str | os.PathLike, *, n_head: int = DEFAULT_
     first so a wrong file fails naming the entry. The release does not record the head count (heads only
     split c_attn's columns when the model runs), so it is `n_head` (`--n-head`, default GPT-1's 12),
     checked to divide the width. A given `config` fixes every size, its head count included (`n_head` is
-    then unused), and the weights are checked against it. NaN or inf weights are refused
-    (`weight_files.check_finite`) unless `allow_nonfinite`.
+    then unused), and the weights are checked against it: each array used, none missing. NaN or inf weights
+    are refused (`weight_files.check_finite`) unless `allow_nonfinite`.
     """
     directory = pathlib.Path(directory)
     shapes_file = directory / SHAPES_FILE
@@ -167,13 +191,12 @@ def load_openai_original(directory: str | os.PathLike, *, n_head: int = DEFAULT_
     arrays = [a.reshape(s) for a, s in zip(arrays, shapes)]
     if config is None:
         config = _original_config(shapes, n_head, shapes_file)
-    names = original_names(config.n_layer)
-    if len(arrays) != len(names):
-        raise WeightFormatError(
-            f"{shapes_file}: {len(arrays)} arrays but a {config.n_layer}-layer model has {len(names)}."
-        )
-    named = {name: (a[0] if a.ndim == 3 else a) for name, a in zip(names, arrays)}  # (1, in, out) -> (in, out)
-    return config, checked_finite(params_from_named(named, config, str(directory)), config, directory, allow_nonfinite)
+    n_layer = (len(shapes) - 2) // ARRAYS_PER_LAYER
+    named = {name: (a[0] if a.ndim == 3 else a) for name, a in zip(original_names(n_layer), arrays)}  # (1, in, out)
+    remedy = (f"The model config given ({config.n_layer} layers) must describe the release ({n_layer} layers in "
+              f"{SHAPES_FILE}): give the matching one, or none to read the sizes from the release.")
+    params = params_from_named(named, config, f"{directory} ({SHAPES_FILE} and its shards)", remedy)
+    return config, checked_finite(params, config, directory, allow_nonfinite)
 
 
 def read_openai_original_config(directory: str | os.PathLike, *, n_head: int = DEFAULT_N_HEAD) -> GPT1Config:
@@ -219,12 +242,17 @@ def _read_original_shapes(shapes_file: pathlib.Path) -> list[tuple[int, ...]]:
 
 
 def _read_original_shards(directory: pathlib.Path, shapes: list[tuple[int, ...]]) -> np.ndarray:
-    """The shards concatenated into the flat vector [total] of every array in params_shapes.json order."""
+    """The shards concatenated into the flat vector [total] of every array in params_shapes.json order.
+
+    The folder must hold exactly the release's shards: a missing one would shift every array after it, and
+    an extra one (params_10.npy) would be weights left out.
+    """
     files = [directory / f"params_{i}.npy" for i in range(N_ORIGINAL_SHARDS)]
-    for shard_file in files:
-        if not shard_file.is_file():
-            raise WeightFormatError(f"Missing shard {shard_file}: the release has {N_ORIGINAL_SHARDS} files "
-                                    f"params_0.npy..params_{N_ORIGINAL_SHARDS - 1}.npy.")
+    found = [shard_file.name for shard_file in directory.glob("params_*.npy")]
+    if mismatch := name_mismatch(found, [shard_file.name for shard_file in files], noun="shard"):
+        raise WeightFormatError(f"{directory}: {mismatch}. The release has {N_ORIGINAL_SHARDS} shards "
+                                f"params_0.npy..params_{N_ORIGINAL_SHARDS - 1}.npy beside {SHAPES_FILE}: use its "
+                                "folder as downloaded.")
     shards = [read_shard(shard_file) for shard_file in files]
     expected = sum(math.prod(s) for s in shapes)
     found = sum(shard.size for shard in shards)
@@ -282,13 +310,28 @@ def read_hf_config(directory: str | os.PathLike) -> GPT1Config:
 def load_hf(directory: str | os.PathLike, *, allow_nonfinite: bool = False) -> tuple[GPT1Config, dict]:
     """Read a `save_pretrained` directory of OpenAIGPTModel / OpenAIGPTLMHeadModel.
 
-    NaN or inf weights are refused (`weight_files.check_finite`) unless `allow_nonfinite`.
+    The weights file must hold exactly the tensors its config.json describes, besides the harmless extras
+    older transformers versions saved (`HF_CONSTANT_BUFFERS`, `HF_TIED_OUTPUT`). NaN or inf weights are refused
+    (`weight_files.check_finite`) unless `allow_nonfinite`.
     """
     directory = pathlib.Path(directory)
     config = read_hf_config(directory)
-    tensors = read_hf_tensors(directory)
-    named = {k.removeprefix(HF_PREFIX): v for k, v in tensors.items() if k != "lm_head.weight"}
-    return config, checked_finite(params_from_named(named, config, str(directory)), config, directory, allow_nonfinite)
+    weights_file, tensors = read_hf_tensors(directory)
+    remedy = (f"Its config.json (n_layer={config.n_layer}, n_embd={config.width}) must describe these weights: fix "
+              "config.json, or use the folder the weights were saved in (with every tensor save_pretrained wrote).")
+    params = params_from_named(_without_harmless_extras(tensors), config, str(weights_file), remedy)
+    return config, checked_finite(params, config, directory, allow_nonfinite)
+
+
+def _without_harmless_extras(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A save_pretrained file's tensors by their names in OpenAIGPTModel (OpenAIGPTLMHeadModel's prefix
+    "transformer." removed), without the constant buffers and the tied output layer older versions saved."""
+    named = {name.removeprefix(HF_PREFIX): array for name, array in tensors.items()
+             if not HF_CONSTANT_BUFFERS.fullmatch(name.removeprefix(HF_PREFIX))}
+    tokens = named.get("tokens_embed.weight")
+    if HF_TIED_OUTPUT in named and tokens is not None and np.array_equal(named[HF_TIED_OUTPUT], tokens):
+        del named[HF_TIED_OUTPUT]
+    return named
 
 
 def save_hf(model: GPT1, directory: str | os.PathLike) -> None:
