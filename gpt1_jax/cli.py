@@ -126,11 +126,17 @@ def reports_user_errors(main: Callable[[Sequence[str] | None], None]) -> Callabl
 def define_model_flags(flag_values: flags.FlagValues) -> None:
     """The flags of a tool that reads a trained model: `--checkpoint DIR` or `--hf DIR`, and `--vocab_dir`."""
     define = dict(flag_values=flag_values)
-    flags.DEFINE_string("checkpoint", None, "An Orbax checkpoint of ours (pre-training or converted).", **define)
+    flags.DEFINE_string("checkpoint", None, "The weights: an Orbax checkpoint folder of ours, `mini`, `openai-gpt` "
+                        "or hf:ORG/NAME[@REV] from the Hugging Face Hub, hf:FOLDER, openai:FOLDER.", **define)
     flags.DEFINE_string("hf", None, "A transformers OpenAIGPT folder with config.json and model.safetensors.", **define)
     flags.mark_flags_as_mutual_exclusive(["checkpoint", "hf"], required=True, **define)
     flags.DEFINE_string("vocab_dir", None, "Folder with the BPE files (default: see gpt1_jax.text.vocab_files).",
                         **define)
+
+
+def model_weights(args: flags.FlagValues) -> str:
+    """The weights `define_model_flags`' flags name, as `gpt1_jax.weights.sources` reads them."""
+    return args.checkpoint if args.checkpoint is not None else f"hf:{args.hf}"
 
 
 def define_choices(name: str, default: Sequence[str], choices: Sequence[str], help_text: str,

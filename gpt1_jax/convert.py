@@ -1,10 +1,13 @@
 """`gpt1-convert`: GPT-1 weights in and out, between the original OpenAI release, Hugging Face and our Orbax
-checkpoints (the layouts themselves: `weight_formats`). Weights holding NaN or inf are refused, naming each
-such tensor; `--allow_nonfinite` turns that into a warning.
+checkpoints (the layouts themselves: `weight_formats`). Every tensor of the input must be one of the model its
+config describes, and none may lack: a difference is refused, naming the tensors. Weights holding NaN or inf are
+refused, naming each such tensor; `--allow_nonfinite` turns that into a warning.
 
 Command line (installed as `gpt1-convert`):
     python -m gpt1_jax.convert --openai DIR --orbax OUT [--n_head N]  # the original params_*.npy release
     python -m gpt1_jax.convert --hf DIR --orbax OUT                   # openai-community/openai-gpt layout
+    python -m gpt1_jax.convert --hf openai-gpt --orbax OUT            # the released GPT-1, from the hub
+    python -m gpt1_jax.convert --hf hf:ORG/NAME@REV --orbax OUT       # any OpenAIGPT model on the hub
     python -m gpt1_jax.convert --orbax_in CKPT --hf_out OUT           # ours -> transformers
     python -m gpt1_jax.convert --hf DIR --orbax OUT --allow_nonfinite # NaN/inf weights kept, with a warning
     python -m gpt1_jax.convert --orbax_in RUN/checkpoints --orbax OUT --dtype bfloat16  # half-size, to ship
@@ -15,6 +18,7 @@ from __future__ import annotations
 from absl import flags
 
 from gpt1_jax import cli
+from gpt1_jax.weights import hub, sources
 from gpt1_jax.weights.weight_formats import (
     DEFAULT_N_HEAD,
     checked_finite,
@@ -36,7 +40,8 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_string("openai", None, "Read the original release: a folder with params_shapes.json and "
                         "params_0..9.npy.", **define)
     flags.DEFINE_string("hf", None, "Read a Hugging Face folder with config.json and model.safetensors or "
-                        "pytorch_model.bin.", **define)
+                        "pytorch_model.bin, or a model on the hub: openai-gpt (the released GPT-1), "
+                        "hf:ORG/NAME[@REVISION].", **define)
     flags.DEFINE_string("orbax_in", None, "Read an Orbax checkpoint of ours (pre-training or converted).", **define)
     flags.mark_flags_as_mutual_exclusive(["openai", "hf", "orbax_in"], required=True, **define)
     flags.DEFINE_integer("n_head", None, f"Attention heads of the --openai release, which does not record them "
@@ -69,9 +74,13 @@ def main(argv: list[str] | None = None) -> None:
         n_head = DEFAULT_N_HEAD if args.n_head is None else args.n_head
         config, params = load_openai_original(args.openai, n_head=n_head, allow_nonfinite=args.allow_nonfinite)
     elif args.hf:
-        config, params = load_hf(args.hf, allow_nonfinite=args.allow_nonfinite)
+        named = args.hf if args.hf.startswith("hf:") or args.hf in hub.SHORT_NAMES else f"hf:{args.hf}"
+        source = sources.resolve(named)  # a folder, or a hub name fetched first
+        config, params = load_hf(source.folder, allow_nonfinite=args.allow_nonfinite)
+        provenance = {"weights": source.pinned}
     else:
-        config, params, metadata = checkpoint.load_pretrained(args.orbax_in)
+        with checkpoint.named_by("--orbax_in"):
+            config, params, metadata = checkpoint.load_pretrained(args.orbax_in)
         provenance = {key: metadata[key] for key in ("config", "tokenizer") if key in metadata}
         params = checked_finite(params, config, args.orbax_in, args.allow_nonfinite)
     source = args.openai or args.hf or args.orbax_in

@@ -8,21 +8,28 @@
 cut into consecutive windows of n_ctx + 1 tokens that predict every token after the first exactly once,
 as validation does (`lm_batches.validation_batches`). The unigram baseline (add-one-smoothed token
 frequencies of the checkpoint's own training data) is shown when that data's token cache is on this
-machine: the floor a language model must beat to have learnt more than word frequencies.
+machine (`-` otherwise): the floor a language model must beat to have learnt more than word frequencies.
+A document without one whole window (empty, whitespace, too short) is named in a warning and left out.
+Tokenizing and scoring show progress bars on stderr, as training does: 11 books take minutes on a laptop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import math
 import os
+from typing import Callable
 
 import jax
 import numpy as np
 from absl import flags
 from flax import nnx
+from tqdm import tqdm
 
 from gpt1_jax import cli, storage
+from gpt1_jax.errors import UserError
 from gpt1_jax.model import losses
 from gpt1_jax.model.transformer import GPT1
 from gpt1_jax.pretraining import lm_batches, lm_pipeline, text_sources, token_cache
@@ -30,16 +37,52 @@ from gpt1_jax.text.tokenizer import GPT1Tokenizer
 
 SYNOPSIS = "(--checkpoint DIR | --hf DIR) --data SOURCE [--batch_size N]"
 
+log = logging.getLogger(__name__)
+
+
+class NothingToScoreError(UserError, ValueError):
+    """No document of `--data` holds a whole window of text."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the table: a document, or "overall"."""
+
+    name: str
+    tokens: int  # tokens predicted
+    perplexity: float
+    unigram: float | None  # the unigram baseline's; None when the checkpoint's training data is not cached here
+
+
+def document_windows(tokens: np.ndarray, n_ctx: int, batch_size: int) -> list[lm_batches.ValidationBatch]:
+    """The consecutive windows of one token stream tokens [doc_tokens], in batches; [] if it is shorter than one."""
+    if tokens.size < n_ctx + 1:
+        return []
+    return lm_batches.validation_batches(tokens, n_ctx=n_ctx, batch_size=batch_size)
+
 
 def document_nll(model: GPT1, tokens: np.ndarray, batch_size: int) -> tuple[float, int, list]:
     """(summed NLL, tokens predicted, the windows) of one token stream; (0, 0, []) if it is too short."""
-    n_ctx = model.config.n_ctx
-    if tokens.size < n_ctx + 1:
-        return 0.0, 0, []
-    windows = lm_batches.validation_batches(tokens, n_ctx=n_ctx, batch_size=batch_size)
+    windows = document_windows(tokens, model.config.n_ctx, batch_size)
+    return _summed_nll(_batch_scorer(model), windows), _predicted(windows, model.config.n_ctx), windows
+
+
+def _batch_scorer(model: GPT1) -> Callable[[lm_batches.ValidationBatch], float]:
     graphdef, state = nnx.split(model)
-    total = sum(float(_window_nll(graphdef, state, batch.tokens, batch.weights)) for batch in windows)
-    return total, int(sum(batch.weights.sum() for batch in windows)) * n_ctx, windows
+    return lambda batch: float(_window_nll(graphdef, state, batch.tokens, batch.weights))
+
+
+def _summed_nll(batch_nll, windows: list[lm_batches.ValidationBatch], bar: tqdm | None = None) -> float:
+    total = 0.0
+    for batch in windows:
+        total += batch_nll(batch)
+        if bar is not None:
+            bar.update()
+    return total
+
+
+def _predicted(windows: list[lm_batches.ValidationBatch], n_ctx: int) -> int:
+    return int(sum(batch.weights.sum() for batch in windows)) * n_ctx
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -67,26 +110,56 @@ def training_tokens(metadata: dict, tokenizer: GPT1Tokenizer) -> np.ndarray | No
     return train
 
 
-def evaluate(model: GPT1, tokenizer: GPT1Tokenizer, source, batch_size: int, train_tokens: np.ndarray | None):
-    """[(document name, tokens, perplexity, unigram perplexity or nan)], the last row the overall one."""
+def tokenized_documents(tokenizer: GPT1Tokenizer, source, n_ctx: int, batch_size: int, *,
+                        progress: bool = False) -> list[tuple[str, list[lm_batches.ValidationBatch]]]:
+    """(name, windows) of each document with at least one whole window; each other one is named in a warning.
+
+    An empty or whitespace-only file, or one shorter than a window, used to print a row of 0 tokens and
+    perplexity nan. Raises NothingToScoreError when no document is left.
+    """
     names = getattr(source, "files", None)
-    rows, total_nll, total_tokens, all_windows = [], 0.0, 0, []
-    for index, text in enumerate(source):
-        name = names[index] if names else f"document {index}"
-        tokens = np.asarray(tokenizer.encode(text), np.int32)
-        nll, count, windows = document_nll(model, tokens, batch_size)
-        unigram = _unigram(train_tokens, windows, model.config.vocab_size)
-        rows.append((name, count, math.exp(nll / count) if count else math.nan, unigram))
-        total_nll, total_tokens, all_windows = total_nll + nll, total_tokens + count, all_windows + windows
-    overall = math.exp(total_nll / total_tokens) if total_tokens else math.nan
-    rows.append(("overall", total_tokens, overall, _unigram(train_tokens, all_windows, model.config.vocab_size)))
-    return rows
+    documents, left_out = [], []
+    texts = tqdm(source, total=source.num_documents, desc="Tokenizing", unit="doc", disable=not progress,
+                 dynamic_ncols=True)
+    with texts:
+        for index, text in enumerate(texts):
+            name = names[index] if names else f"document {index}"
+            tokens = np.asarray(tokenizer.encode(text), np.int32)  # [doc_tokens]
+            windows = document_windows(tokens, n_ctx, batch_size)
+            if windows:
+                documents.append((name, windows))
+            else:
+                left_out.append((name, tokens.size))
+    for name, count in left_out:  # after the bar, which a warning would cut in two
+        why = "holds no text" if not count else f"has {count} tokens, fewer than one window (n_ctx + 1 = {n_ctx + 1})"
+        log.warning("%s %s: left out of the table.", name, why)
+    if not documents:
+        raise NothingToScoreError(f"none of the {len(left_out)} documents holds text to score: each is empty, "
+                                  f"whitespace, or shorter than one window of n_ctx + 1 = {n_ctx + 1} tokens.")
+    return documents
 
 
-def _unigram(train_tokens, windows, vocab: int) -> float:
-    if train_tokens is None or not windows:
-        return math.nan
-    return lm_pipeline.unigram_perplexity(train_tokens, windows, vocab)
+def evaluate(model: GPT1, tokenizer: GPT1Tokenizer, source, batch_size: int, train_tokens: np.ndarray | None, *,
+             progress: bool = False) -> list[Row]:
+    """A Row per document with text to score, then the overall one; `progress` shows bars on stderr."""
+    n_ctx, vocab = model.config.n_ctx, model.config.vocab_size
+    documents = tokenized_documents(tokenizer, source, n_ctx, batch_size, progress=progress)
+    batch_nll, rows = _batch_scorer(model), []
+    total_nll, all_windows = 0.0, []
+    scoring = tqdm(total=sum(len(windows) for _, windows in documents), desc="Scoring", unit="batch",
+                   disable=not progress, dynamic_ncols=True)
+    with scoring:
+        for name, windows in documents:
+            nll, count = _summed_nll(batch_nll, windows, scoring), _predicted(windows, n_ctx)
+            rows.append(Row(name, count, math.exp(nll / count), _unigram(train_tokens, windows, vocab)))
+            total_nll, all_windows = total_nll + nll, all_windows + windows
+    total_tokens = sum(row.tokens for row in rows)
+    return rows + [Row("overall", total_tokens, math.exp(total_nll / total_tokens),
+                       _unigram(train_tokens, all_windows, vocab))]
+
+
+def _unigram(train_tokens, windows, vocab: int) -> float | None:
+    return None if train_tokens is None else lm_pipeline.unigram_perplexity(train_tokens, windows, vocab)
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
@@ -105,25 +178,32 @@ def main(argv: list[str] | None = None) -> None:
     command = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.evaluate", synopsis=SYNOPSIS, doc=__doc__)
     args = command.flags
     from gpt1_jax.training import checkpoint
+    from gpt1_jax.weights import sources
     from gpt1_jax.weights.loading import load_model
 
-    model = load_model(args.checkpoint, args.hf)
+    with checkpoint.named_by("--checkpoint"):
+        weights = sources.resolve(cli.model_weights(args))
+        model = load_model(weights)
+        # Our checkpoints record their training data, for the unigram column.
+        metadata = checkpoint.read_metadata(weights.folder) if weights.kind == sources.ORBAX else {}
     tokenizer = GPT1Tokenizer.from_files(args.vocab_dir)
     try:
         source = text_sources.make_source(args.data, process_index=0, process_count=1,
                                           allow_replacement=args.allow_replacement)
     except ValueError as err:
         command.fail(str(err).replace("data.source", "--data"))
-    metadata = checkpoint.read_metadata(args.checkpoint) if args.checkpoint else {}
     train = training_tokens(metadata, tokenizer)
     try:
-        rows = evaluate(model, tokenizer, source, args.batch_size, train)
+        rows = evaluate(model, tokenizer, source, args.batch_size, train, progress=True)
     except text_sources.CorpusError as err:
         raise text_sources.CorpusError(str(err).replace("data.allow_replacement=True", "--allow_replacement")) from None
-    width = max(len(name) for name, *_ in rows)
+    except NothingToScoreError as err:
+        raise NothingToScoreError(f"--data {args.data}: {err}") from None
+    width = max(len(row.name) for row in rows)
     print(f"{'document':<{width}}  {'tokens':>10}  {'perplexity':>10}  {'unigram':>10}")
-    for name, count, perplexity, unigram in rows:
-        print(f"{name:<{width}}  {count:>10,}  {perplexity:>10.2f}  {unigram:>10.2f}")
+    for row in rows:
+        unigram = "-" if row.unigram is None else f"{row.unigram:.2f}"
+        print(f"{row.name:<{width}}  {row.tokens:>10,}  {row.perplexity:>10.2f}  {unigram:>10}")
     if train is None:
         print("(unigram: the checkpoint's training data is not cached on this machine)")
 

@@ -10,6 +10,7 @@ comes from `gpt1_jax.weights.loading`.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -18,6 +19,8 @@ from absl import flags
 from gpt1_jax import cli
 from gpt1_jax.model.sampling import generate
 from gpt1_jax.weights.loading import load_model
+
+log = logging.getLogger(__name__)
 
 SYNOPSIS = "(--checkpoint DIR | --hf DIR) --prompt TEXT [--max_new_tokens N --top_p P --seed S ...]"
 
@@ -33,8 +36,22 @@ def _define_flags(flag_values: flags.FlagValues) -> None:
     flags.DEFINE_integer("top_k", None, "Sample among the K most likely tokens only.", lower_bound=1, **define)
     flags.DEFINE_float("top_p", None, "Nucleus sampling: the smallest set of tokens with probability >= P.",
                        lower_bound=0.0, upper_bound=1.0, **define)
-    flags.DEFINE_integer("seed", 0, "The sampling key, jax.random.key(seed).", **define)
+    flags.DEFINE_integer("seed", 0, "The sampling key, jax.random.key(seed).", lower_bound=0, upper_bound=2**63 - 1,
+                         **define)
     flags.DEFINE_boolean("greedy", False, "Take the most likely token at every step.", **define)
+
+
+def _warn_of_bytes_that_are_not_utf8(prompt: str) -> None:
+    """Name each byte of the prompt that is not UTF-8, which the tokenizer reads as U+FFFD.
+
+    Python decodes a command line as UTF-8 and keeps a byte that is not (a Latin-1 terminal's "é") as a lone
+    surrogate, U+DC80 + byte ("surrogateescape"); the prompt then silently held "�" where the user typed a letter.
+    """
+    found = [(position, ord(char) - 0xDC00) for position, char in enumerate(prompt) if "\udc80" <= char <= "\udcff"]
+    if found:
+        where = ", ".join(f"0x{byte:02x} at character {position}" for position, byte in found)
+        log.warning("--prompt holds %d byte(s) that are not UTF-8 (%s, counting from 0), each read as U+FFFD; give "
+                    "the prompt in UTF-8 (is the terminal's encoding UTF-8?).", len(found), where)
 
 
 @cli.reports_user_errors
@@ -43,10 +60,13 @@ def main(argv: list[str] | None = None) -> None:
     command = cli.parse(argv, _define_flags, prog="python -m gpt1_jax.generate", synopsis=SYNOPSIS,
                         doc=__doc__)
     args = command.flags
+    _warn_of_bytes_that_are_not_utf8(args.prompt)
 
     from gpt1_jax.text.tokenizer import GPT1Tokenizer
+    from gpt1_jax.training import checkpoint
 
-    model = load_model(args.checkpoint, args.hf)
+    with checkpoint.named_by("--checkpoint"):
+        model = load_model(cli.model_weights(args))
     tokenizer = GPT1Tokenizer.from_files(args.vocab_dir)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:

@@ -5,7 +5,8 @@ from its latest checkpoint; a multi-host run starts the same command on every ho
     python train.py --config configs/<recipe>.py --workdir DIR [--config.key=value ...]
 
 Installed as `gpt1-train`; `train.py` at the repository root only calls `main`. Multi-process
-start-up is `gpt1_jax.training.distributed`'s.
+start-up is `gpt1_jax.training.distributed`'s. A SIGTERM or Ctrl-C exits 0 with a line saying where the
+run stopped: saved by the loop, or (`preemption.Interrupted`) in a phase outside it that the rerun redoes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from absl import flags
 
 from gpt1_jax import cli, config_check, recipe_flags
 from gpt1_jax.training import distributed, workdir_guard
+from gpt1_jax.training.preemption import Interrupted
 
 SYNOPSIS = f"--workdir DIR {recipe_flags.CONFIG_SYNOPSIS}"
 
@@ -60,14 +62,24 @@ def main(argv: list[str] | None = None) -> None:
     distributed.warn_if_workdir_not_shared(args.workdir)
     if jax.process_index() == 0:
         workdir_guard.refuse_if_held(args.workdir)
-    config = args.config
+    try:
+        _run_recipe(args.config, args.workdir)
+    except Interrupted as stopped:  # a stop outside the loop (the token cache, the test predictions): exit 0
+        logging.getLogger(__name__).warning("%s", stopped)
+
+
+def _run_recipe(config, workdir: str) -> None:
     if config.mode == "pretrain":
         from gpt1_jax.pretraining.pretrain import pretrain
 
-        pretrain(config, args.workdir)
+        pretrain(config, workdir)
     elif config.mode == "finetune":
         from gpt1_jax.finetuning.finetune import finetune
 
-        finetune(config, args.workdir)
+        finetune(config, workdir)
     else:
         raise config_check.ConfigError(f"mode={config.mode!r}: use 'pretrain' or 'finetune'.")
+
+
+if __name__ == "__main__":
+    main()

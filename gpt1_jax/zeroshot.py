@@ -32,9 +32,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from gpt1_jax.finetuning.task_readers import read_task
     from gpt1_jax.finetuning.tasks import get_task
+    from gpt1_jax.training import checkpoint
     from gpt1_jax.weights.loading import load_model
 
-    model = load_model(args.checkpoint, args.hf)
+    with checkpoint.named_by("--checkpoint"):
+        model = load_model(cli.model_weights(args))
     tokenizer = GPT1Tokenizer.from_files(args.vocab_dir)
     examples = read_task(get_task(args.task), args.split, data_root=args.data_root).examples
     if args.max_examples is not None:

@@ -11,7 +11,7 @@ from absl import flags
 from gpt1_jax import cli, generate, recipe_flags, train_cli, zeroshot
 from pretrain_helpers import RECIPES, REPO
 
-TOOLS = ["generate", "convert", "zeroshot", "report", "evaluate", "compile"]
+TOOLS = ["generate", "convert", "zeroshot", "report", "evaluate", "compile", "reproduce"]
 
 
 def define_toy_flags(flag_values: flags.FlagValues) -> None:
@@ -187,6 +187,8 @@ def test_every_entry_point_prints_its_help(command, prog):
     (generate, ["--temperature", "-1"], "--temperature"),
     (generate, ["--top_p", "1.5"], "--top_p"),
     (zeroshot, ["--task", "sst2", "--max_examples", "-5"], "--max_examples"),
+    (generate, ["--seed", "-1"], "--seed"),
+    (generate, ["--seed", str(2**63)], "--seed"),  # past int64: jax.random.key raised OverflowError
 ])
 def test_numeric_flags_out_of_range_are_usage_errors(capsys, tool, argv, named):
     base = ["--checkpoint", "x"] + (["--prompt", "hi"] if tool is generate else [])

@@ -32,6 +32,9 @@ def base_config() -> ConfigDict:
     config.extend = False
     config.task = ""
     config.init = ""
+    # Written by a fine-tuning run, not read: the exact weights `init` named (a hub name at the commit its revision
+    # resolved to), so config.json and results.json say which weights a result came from.
+    config.init_weights = ""
     config.model = model_section()
     config.data = ConfigDict(dict(
         source="", tfds_data_dir="", vocab_dir="", cache_dir="", val_fraction=0.01, shard_by_process=True,

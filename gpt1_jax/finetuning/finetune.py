@@ -32,9 +32,11 @@ from gpt1_jax import config_check, run_options, storage
 from gpt1_jax.aot import measure
 from gpt1_jax.config_check import ConfigError
 from gpt1_jax.finetuning import custom_task, finetune_results, finetune_start, metrics, task_inputs, tasks
+from gpt1_jax.finetuning.best_checkpoint import BestCheckpoint
 from gpt1_jax.finetuning.task_inputs import TaskData
 from gpt1_jax.model.heads import LM_SOFTMAX_ROWS, predictions, task_loss
 from gpt1_jax.training import checkpoint, optim, sharding, train_lib, workdir_guard
+from gpt1_jax.training.preemption import StopRequest
 from gpt1_jax.training.run_log import RunLog
 
 log = logging.getLogger(__name__)
@@ -204,10 +206,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def evaluate_splits(eval_step, params, data: TaskData, config, mesh) -> dict[str, dict[str, float]]:
-    """{split: {metric: fraction}} for every labelled evaluation split."""
+def evaluation_due(done: int, epoch_steps: int, first_epoch_evals: set[int], every: int) -> bool:
+    """Whether update `done` is evaluated: each epoch's end, the first epoch's `eval_at` updates, every `every`."""
+    return (done % epoch_steps == 0 or (done <= epoch_steps and done in first_epoch_evals)
+            or bool(every and done % every == 0))
+
+
+def evaluate_splits(eval_step, params, data: TaskData, config, mesh,
+                    check_stop: Callable[[], None] = lambda: None) -> dict[str, dict[str, float]]:
+    """{split: {metric: fraction}} for every labelled evaluation split; `check_stop()` runs before each batch."""
     batch = config.train.eval_batch_size
-    return {split: metrics.compute(data.spec.metrics, finetune_results.predict(eval_step, params, arrays, batch, mesh),
+    return {split: metrics.compute(data.spec.metrics,
+                                   finetune_results.predict(eval_step, params, arrays, batch, mesh, check_stop),
                                    arrays.labels)
             for split, arrays in data.evals.items()}
 
@@ -244,9 +254,6 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
         compiled = measure.check_before_training(compiled)
         rolling = cleanup.enter_context(contextlib.closing(checkpoint.TrainCheckpointer(
             workdir_path / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)))
-        best_dir = workdir_path / "best"
-        best_ckpt = cleanup.enter_context(contextlib.closing(
-            checkpoint.TrainCheckpointer(best_dir, keep=1, async_save=False)))
         # The host copy of the starting parameters (~0.5 GB for GPT-1) is handed to the train state once and
         # then dropped, so it does not stay alive for the whole run.
         handed_over = {"params": initial}
@@ -254,9 +261,10 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
         state, resumed = train_lib.restore_or_init(rolling, compiled, lambda: handed_over.pop("params"), optimizer)
         handed_over.clear()
         start = int(state.step)
-        best = checkpoint.read_metadata(best_dir)["best"] if best_ckpt.steps() else None
         metadata = train_lib.run_metadata(run_options.as_json(config), model_cfg.to_dict(), data.tokenizer_identity,
                                           kind="finetune")
+        best = cleanup.enter_context(contextlib.closing(BestCheckpoint(workdir_path, rolling, metadata,
+                                                                       compiled.abstract_state)))
         run_log = cleanup.enter_context(contextlib.closing(RunLog(
             workdir_path, total_steps=total_steps, initial_step=start, description=f"fine-tune {spec.name}")))
         run_log.message(f"Starting point: {description}; {len(data.train)} training examples, {total_steps} steps.")
@@ -264,19 +272,15 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
             run_log.message(f"Resumed from step {start} in {rolling.directory}.")
         first_split = next(iter(data.evals))
 
-        def evaluate(done: int, state: train_lib.TrainState) -> dict[str, float]:
+        def evaluate(done: int, state: train_lib.TrainState, check_stop: Callable[[], None]) -> dict[str, float]:
             """The dev metrics when due; a new best by the first split's primary metric goes to `best/`."""
-            nonlocal best
-            if not (done % epoch_steps == 0 or (done <= epoch_steps and done in early_evals)
-                    or (config.finetune.eval_every and done % config.finetune.eval_every == 0)):
+            if not evaluation_due(done, epoch_steps, early_evals, config.finetune.eval_every):
                 return {}
-            scores = evaluate_splits(eval_step, state.params, data, config, compiled.mesh)
-            primary = scores[first_split][spec.primary_metric]
-            if best is None or primary > best["primary"]:
-                train_lib.check_finite(state, loop, rolling)
-                best = {"primary": primary, "step": done, "epoch": done / epoch_steps, "dev": scores}
-                best_ckpt.save(done, state.params, {"step": state.step}, {**metadata, "best": best})
-            return {"val_metric": primary, **{f"{s}/{m}": v for s, d in scores.items() for m, v in d.items()}}
+            scores = evaluate_splits(eval_step, state.params, data, config, compiled.mesh, check_stop)
+            train_lib.check_finite(state, loop, rolling)  # never keep a non-finite state as the best
+            best.offer(done, state.params, scores, first_split, spec.primary_metric, epoch=done / epoch_steps)
+            return {"val_metric": scores[first_split][spec.primary_metric],
+                    **{f"{s}/{m}": v for s, d in scores.items() for m, v in d.items()}}
 
         recipe = train_lib.Recipe(
             total_steps=total_steps, evaluate=evaluate, metadata=metadata,
@@ -286,14 +290,10 @@ def finetune(config: ConfigDict, workdir: str) -> dict:
         _, final = train_lib.run(loop, compiled, state, rolling, run_log, recipe)
         if "stopped_at" in final:
             return {"stopped_at": int(final["stopped_at"])}
-        abstract = compiled.abstract_state
-        best_step, best_params, _ = best_ckpt.restore_latest(abstract.params, {"step": abstract.step})
-        if best_step is None:
-            raise checkpoint.CheckpointError(
-                f"The best checkpoint in {best_dir} is unusable (set aside, see the warning above), so the predictions "
-                f"of its step cannot be written. The last step is in {workdir_path / 'checkpoints'}; rerun with "
-                "--config.start_over=True to fine-tune again.")
-        files = finetune_results.write_predictions(eval_step, best_params, data, config.train.eval_batch_size,
-                                                   compiled.mesh, workdir_path)
-        return finetune_results.write_results(workdir_path, run_options.as_json(config), spec, best, description,
-                                              files)
+        # A stop while the test predictions are written ends them at the next batch (`preemption.Interrupted`,
+        # which train.py reports and exits 0 on): training is saved, and the rerun writes them.
+        with StopRequest(f"writing the test predictions into {workdir_path} (training is finished and saved)") as stop:
+            files = finetune_results.write_predictions(eval_step, best.restore(), data, config.train.eval_batch_size,
+                                                       compiled.mesh, workdir_path, stop.check)
+            return finetune_results.write_results(workdir_path, run_options.as_json(config), model_cfg.to_dict(),
+                                                  spec, best.record, description, files)

@@ -1,10 +1,9 @@
 """Fine-tuning's starting points (config key `init`) and the layer-transfer study (Sec. 5, Figure 2 left).
 
   ""               from scratch: the paper's "no pre-training" ablation, sizes from config.model,
-  <folder>         an Orbax checkpoint: a pre-training run's `checkpoints` folder or the output of
-                   `python -m gpt1_jax.convert --orbax`; the model config comes from its metadata,
-  hf:<folder>      a Hugging Face `save_pretrained` folder of OpenAIGPT(LMHead)Model,
-  openai:<folder>  the original release (params_shapes.json, params_0..9.npy).
+  anything else    weights as `gpt1_jax.weights.sources` reads them: an Orbax checkpoint folder (a pre-training
+                   run's `checkpoints`, `convert --orbax`; the model config comes from its metadata), `mini`,
+                   `openai-gpt` or `hf:ORG/NAME[@REVISION]` from the Hugging Face Hub, `hf:<folder>`, `openai:<folder>`.
 
 Sizes rule: the shape keys of config.model (`SHAPE_KEYS`) are 0 in gpt1_jax/configs/finetune.py, meaning "take
 them from the checkpoint" (or, from scratch, the paper's 12 x 768 model). A non-zero value is a user
@@ -31,7 +30,7 @@ from gpt1_jax.finetuning import tasks
 from gpt1_jax.model.heads import TaskModel
 from gpt1_jax.model.transformer import GPT1, GPT1Config
 from gpt1_jax.training import checkpoint
-from gpt1_jax.weights import weight_formats
+from gpt1_jax.weights import sources, weight_formats
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +60,22 @@ def _openai_n_head(config: ConfigDict) -> int:
 
 
 def load_init(config: ConfigDict) -> tuple[GPT1Config, dict | None, str]:
-    """(backbone config without specials, its pre-trained parameters or None, a description)."""
-    init = config.init
-    if not init:
+    """(backbone config without specials, its pre-trained parameters or None, a description).
+
+    Records in `config.init_weights` exactly which weights `init` named (`sources.Source.pinned`).
+    """
+    if not config.init:
         return _scratch_config(config), None, "scratch (no pre-training)"
-    if init.startswith("hf:"):
-        cfg, params = weight_formats.load_hf(init[3:])
-    elif init.startswith("openai:"):
-        cfg, params = weight_formats.load_openai_original(init[len("openai:"):], n_head=_openai_n_head(config))
+    source = sources.resolve(config.init)
+    config.init_weights = source.pinned
+    if source.kind == sources.HF:
+        cfg, params = weight_formats.load_hf(source.folder)
+    elif source.kind == sources.OPENAI:
+        cfg, params = weight_formats.load_openai_original(source.folder, n_head=_openai_n_head(config))
     else:
-        cfg, params, _ = checkpoint.load_pretrained(init)
-    return _checked_init_config(config, cfg), params, f"pre-trained ({init})"
+        with checkpoint.named_by("--config.init"):
+            cfg, params, _ = checkpoint.load_pretrained(source.folder)
+    return _checked_init_config(config, cfg), params, f"pre-trained ({source.pinned})"
 
 
 def init_model_config(config: ConfigDict) -> GPT1Config:
@@ -79,15 +83,16 @@ def init_model_config(config: ConfigDict) -> GPT1Config:
 
     What `build_params` builds, without reading a weight: a slice can be sized before the weights are at hand.
     """
-    init = config.init
-    if not init:
+    if not config.init:
         return _scratch_config(config).replace(n_special=N_SPECIAL)
-    if init.startswith("hf:"):
-        cfg = weight_formats.read_hf_config(init[3:])
-    elif init.startswith("openai:"):
-        cfg = weight_formats.read_openai_original_config(init[len("openai:"):], n_head=_openai_n_head(config))
+    source = sources.resolve(config.init, config_only=True)
+    if source.kind == sources.HF:
+        cfg = weight_formats.read_hf_config(source.folder)
+    elif source.kind == sources.OPENAI:
+        cfg = weight_formats.read_openai_original_config(source.folder, n_head=_openai_n_head(config))
     else:
-        cfg = checkpoint.read_model_config(init)
+        with checkpoint.named_by("--config.init"):
+            cfg = checkpoint.read_model_config(source.folder)
     return _checked_init_config(config, cfg).replace(n_special=N_SPECIAL)
 
 
