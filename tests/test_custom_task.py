@@ -250,12 +250,13 @@ def test_settings_a_kind_cannot_work_with_are_refused_naming_the_key(tmp_path, q
         finetune.check_config(config)
 
 
-def test_regression_with_a_non_numeric_label_names_file_and_line(tmp_path):
-    rows = [("a dog runs .", "a dog walks .", "4.5"), ("a cat sits .", "a man eats .", "high")]
+@pytest.mark.parametrize("bad", ["high", "nan", "-inf"])  # float() reads the last two
+def test_regression_with_a_label_that_is_no_finite_number_names_file_and_line(tmp_path, bad):
+    rows = [("a dog runs .", "a dog walks .", "4.5"), ("a cat sits .", "a man eats .", bad)]
     train_file = write_csv(tmp_path / "train.csv", ["s1", "s2", "score"], rows)
     config = custom_config(tmp_path, kind="regression", train=str(train_file), validation=str(train_file),
                            text_a="s1", text_b="s2", label="score")
-    with pytest.raises(DataError, match=r"train.csv:3: label 'high' is not a number"):
+    with pytest.raises(DataError, match=rf"train.csv:3: label '{bad}' is not a finite number"):
         load(config)
 
 

@@ -23,6 +23,7 @@ import dataclasses
 import decimal
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -297,10 +298,13 @@ def _parse_label(raw: Any, label_index: dict[str, int] | None, where: str, polic
     """The class index of `raw` (by `label_key`); a float when `label_index` is None (regression, STS-B)."""
     if label_index is None:
         try:
-            return float(raw)
+            value = float(raw)
         except (TypeError, ValueError):
-            policy.bad_row(f"{where}: label {raw!r} is not a number")
+            value = math.nan
+        if not math.isfinite(value):  # float() reads "nan" and "inf", which no regression target is
+            policy.bad_row(f"{where}: label {raw!r} is not a finite number")
             return None
+        return value
     key = label_key(raw)
     if key not in label_index:
         policy.bad_row(f"{where}: label {raw!r} is not one of {list(label_index)}")
