@@ -7,7 +7,7 @@ interrupted one from its checkpoints. SIGTERM or Ctrl-C saves the running task a
 128 + the signal's number). A task that fails does not stop the others; it is reported at the end with its exit
 status and its last error line (its whole output is in TASK/reproduce.log), and the exit status is 1.
 
-    gpt1-reproduce --init=ckpt/openai-gpt --workdir runs/paper [--tasks rte,cola] [--config.KEY=VALUE ...]
+    gpt1-reproduce --init=openai-gpt --workdir runs/paper [--tasks rte,cola] [--config.KEY=VALUE ...]
     gpt1-reproduce --init=mini --preset mini --tasks sst2,rte --workdir runs/mini-tables
 
 `--config.KEY=VALUE` overrides go to every task's train.py as they are; `--dry_run` prints the commands.
@@ -42,7 +42,8 @@ class ReproduceError(UserError, ValueError):
 def _define_flags(flag_values: flags.FlagValues) -> None:
     define = dict(flag_values=flag_values)
     flags.DEFINE_string("init", None, "The starting point of every task, as train.py's --config.init takes it: a "
-                        "checkpoint folder, mini, hf:FOLDER, openai:FOLDER; --init= trains from scratch.", **define)
+                        "checkpoint folder, mini, openai-gpt (the released GPT-1 from the Hugging Face Hub), "
+                        "hf:ORG/NAME[@REV], hf:FOLDER, openai:FOLDER; --init= trains from scratch.", **define)
     flags.mark_flag_as_required("init", **define)
     flags.DEFINE_string("workdir", None, "Each task is fine-tuned in DIR/TASK; report.md and plots/ go in DIR.",
                         **define)

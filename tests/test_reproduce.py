@@ -100,7 +100,7 @@ def test_a_stopped_queue_reruns_skipping_the_finished_task_and_resuming_the_stop
     log = (workdir / "rte" / "reproduce.log").read_text()
     assert "Resumed from step" in log
     assert [line.split(": ", 1)[1] for line in log.splitlines() if line.startswith("--- ")] == [printed[1]] * 2
-    rows = {row.split(" | ")[1] for row in out.splitlines()[2:]}
+    rows = {row.split(" | ")[1] for row in table_rows(out)}
     assert rows == {"wnli", "rte"} and (workdir / "report.md").read_text() == out
     assert {path.name for path in (workdir / "plots").iterdir()} == {"wnli.png", "rte.png"}
 
@@ -135,4 +135,9 @@ def test_a_task_that_fails_on_bad_data_is_reported_while_the_next_one_finishes(t
     assert failure and "(exit status 2): error: " in failure[0] and "train.tsv:4: label 'maybe'" in failure[0]
     assert f"its output: {workdir / 'rte' / 'reproduce.log'}" in err
     assert json.loads((workdir / "wnli" / "results.json").read_text())["task"] == "wnli"
-    assert [row.split(" | ")[1] for row in out.splitlines()[2:]] == ["wnli"]
+    assert [row.split(" | ")[1] for row in table_rows(out)] == ["wnli"]
+
+
+def table_rows(report: str) -> list[str]:
+    """The rows of the report's table: after its header and rule, before the starting points under it."""
+    return [line for line in report.splitlines()[2:] if line.startswith("|")]
