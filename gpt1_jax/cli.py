@@ -27,6 +27,7 @@ from typing import Callable, NoReturn, Sequence
 from absl import flags
 
 from gpt1_jax.errors import UserError
+from gpt1_jax.weights import sources
 
 USAGE_ERROR_STATUS = 2  # argparse's, and the shell's convention for a misused command
 
@@ -136,7 +137,7 @@ def define_model_flags(flag_values: flags.FlagValues) -> None:
 
 def model_weights(args: flags.FlagValues) -> str:
     """The weights `define_model_flags`' flags name, as `gpt1_jax.weights.sources` reads them."""
-    return args.checkpoint if args.checkpoint is not None else f"hf:{args.hf}"
+    return args.checkpoint if args.checkpoint is not None else sources.hf_location(args.hf)
 
 
 def define_choices(name: str, default: Sequence[str], choices: Sequence[str], help_text: str,

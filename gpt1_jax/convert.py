@@ -18,7 +18,7 @@ from __future__ import annotations
 from absl import flags
 
 from gpt1_jax import cli
-from gpt1_jax.weights import hub, sources
+from gpt1_jax.weights import sources
 from gpt1_jax.weights.weight_formats import (
     DEFAULT_N_HEAD,
     checked_finite,
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         n_head = DEFAULT_N_HEAD if args.n_head is None else args.n_head
         config, params = load_openai_original(args.openai, n_head=n_head, allow_nonfinite=args.allow_nonfinite)
     elif args.hf:
-        named = args.hf if args.hf.startswith("hf:") or args.hf in hub.SHORT_NAMES else f"hf:{args.hf}"
-        source = sources.resolve(named)  # a folder, or a hub name fetched first
+        source = sources.resolve(sources.hf_location(args.hf))  # a folder, or a hub name fetched first
         config, params = load_hf(source.folder, allow_nonfinite=args.allow_nonfinite)
         provenance = {"weights": source.pinned}
     else:

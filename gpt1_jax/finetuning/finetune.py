@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 TRAIN_KEYS = ("tokens", "mask", "classify_positions", "labels", "weights")  # what a train step's batch holds
 
 
-
 def task_spec(config: ConfigDict) -> tasks.TaskSpec:
     """The registered task `config.task`, or the user's own (`task=custom`, from `config.custom`).
 

@@ -30,7 +30,7 @@ from gpt1_jax.finetuning import tasks
 from gpt1_jax.model.heads import TaskModel
 from gpt1_jax.model.transformer import GPT1, GPT1Config
 from gpt1_jax.training import checkpoint
-from gpt1_jax.weights import sources, weight_formats
+from gpt1_jax.weights import loading, sources, weight_formats
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,8 @@ def load_init(config: ConfigDict) -> tuple[GPT1Config, dict | None, str]:
         return _scratch_config(config), None, "scratch (no pre-training)"
     source = sources.resolve(config.init)
     config.init_weights = source.pinned
-    if source.kind == sources.HF:
-        cfg, params = weight_formats.load_hf(source.folder)
-    elif source.kind == sources.OPENAI:
-        cfg, params = weight_formats.load_openai_original(source.folder, n_head=_openai_n_head(config))
-    else:
-        with checkpoint.named_by("--config.init"):
-            cfg, params, _ = checkpoint.load_pretrained(source.folder)
+    with checkpoint.named_by("--config.init"):
+        cfg, params = loading.read_weights(source, n_head=_openai_n_head(config))
     return _checked_init_config(config, cfg), params, f"pre-trained ({source.pinned})"
 
 

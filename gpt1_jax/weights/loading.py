@@ -10,8 +10,21 @@ from __future__ import annotations
 
 from flax import nnx
 
-from gpt1_jax.model.transformer import GPT1
+from gpt1_jax.model.transformer import GPT1, GPT1Config
 from gpt1_jax.weights import sources, weight_formats
+
+
+def read_weights(source: sources.Source, *, n_head: int = weight_formats.DEFAULT_N_HEAD) -> tuple[GPT1Config, dict]:
+    """(config, parameters) of a resolved source, in its format; `n_head` for the original release, which does not
+    record it. Fine-tuning's `init` and the tools read weights through here."""
+    if source.kind == sources.HF:
+        return weight_formats.load_hf(source.folder)
+    if source.kind == sources.OPENAI:
+        return weight_formats.load_openai_original(source.folder, n_head=n_head)
+    from gpt1_jax.training import checkpoint  # Orbax, only when a checkpoint is read
+
+    config, params, _ = checkpoint.load_pretrained(source.folder)
+    return config, params
 
 
 def load_model(weights: str | sources.Source) -> GPT1:
@@ -20,14 +33,6 @@ def load_model(weights: str | sources.Source) -> GPT1:
     A fine-tuned backbone's special tokens (start, delimiter, extract) are not text the tokenizer can
     write, so their rows are dropped: sampling and scoring range over the BPE vocabulary.
     """
-    source = weights if isinstance(weights, sources.Source) else sources.resolve(weights)
-    if source.kind == sources.HF:
-        config, params = weight_formats.load_hf(source.folder)
-    elif source.kind == sources.OPENAI:
-        config, params = weight_formats.load_openai_original(source.folder)
-    else:
-        from gpt1_jax.training import checkpoint as orbax  # Orbax, only when a checkpoint is read
-
-        config, params, _ = orbax.load_pretrained(source.folder)
+    config, params = read_weights(weights if isinstance(weights, sources.Source) else sources.resolve(weights))
     model = weight_formats.model_from_params(config, params)
     return model.with_special_tokens(0, rngs=nnx.Rngs(0)) if config.n_special else model

@@ -31,6 +31,11 @@ class Source:
     pinned: str
 
 
+def hf_location(value: str) -> str:
+    """The location a `--hf` flag names: a folder, or a hub name (`openai-gpt`, `hf:ORG/NAME@REV`) as written."""
+    return value if value.startswith("hf:") else f"hf:{value}"
+
+
 def resolve(location: str | os.PathLike, *, config_only: bool = False) -> Source:
     """The local weights `location` names; a hub name is fetched (only its config.json with `config_only`)."""
     hub_model = hub.parse(location)
